@@ -256,6 +256,20 @@ def test_collect_writes_header_records_telemetry_and_refuses_to_overwrite(tmp_pa
     assert len(prompt_lines(out)) == 3
 
 
+def test_temperature_zero_collects_the_greedy_answer_once(tmp_path, tiny_llama_dir, one_thread):
+    from lightning_lab.inference.sampler import Sampler
+    from lightning_lab.models.loading import load_causal_lm
+
+    with pytest.raises(DataError, match="samples_per_prompt to 1"):
+        bon.load_config(tiny_config(tmp_path, tiny_llama_dir, prompts=2, temperature=0))
+    config = bon.load_config(tiny_config(tmp_path, tiny_llama_dir, prompts=2, temperature=0, samples_per_prompt=1,
+                                         k_values=[1], batch_size=2))
+    records = bon.read_run(bon.collect(config, device="cpu", dtype="fp32", progress=False))[2]
+    sampler = Sampler(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32"))
+    greedy = sampler.generate([f"What is {i} + 1?" for i in range(2)], greedy=True, max_new_tokens=12)
+    assert [record["samples"][0]["text"] for record in records] == [c[0].text for c in greedy.completions]
+
+
 def test_collect_with_an_adapter_is_labelled_in_the_analysis(tmp_path, tiny_llama_dir, one_thread):
     from lightning_lab.models.loading import load_causal_lm
     from lightning_lab.models.lora import LoraSettings, add_lora, save_adapter

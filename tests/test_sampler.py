@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from lightning_lab.inference.sampler import KVCache, SamplingParams, Sampler, sampling_weights
+from lightning_lab.inference.sampler import (KVCache, PackedLinears, SamplingParams, Sampler, decode_attention,
+                                             sampling_weights)
 from lightning_lab.models.loading import LoadedModel, load_causal_lm
 
 PROMPTS = ["What is 2 + 3?", "Natalia sold clips to 48 of her friends in April.", "The answer"]
@@ -119,12 +120,47 @@ def test_packed_weights_follow_in_place_updates_and_leave_the_model_alone(tiny_l
         return chosen.generate(PROMPTS[0], greedy=True, max_new_tokens=8, chat=False).prompts[0].completions[0].token_ids
 
     before = greedy(sampler)
-    assert head in sampler.packed.packed
+    assert (head,) in sampler.packed.packed
     assert all("forward" not in module.__dict__ for module in loaded.model.modules())  # unpatched after the call
     with torch.no_grad():  # what an optimizer step does between two sampling calls
         head.weight.mul_(-1.0)
     after = greedy(sampler)
     assert after == greedy(Sampler(loaded, pack_weights=False)) != before
+
+
+def test_fused_sibling_products_equal_the_plain_model(tiny, monkeypatch):
+    monkeypatch.setattr(PackedLinears, "MIN_ELEMENTS", 0)  # pack the tiny model's layers too
+    fused = Sampler(tiny, pack_weights=True)
+    fused.packed = PackedLinears(tiny.model)  # not the model's shared instance, made with the usual threshold
+    attention, mlp = tiny.model.model.layers[0].self_attn, tiny.model.model.layers[0].mlp
+    assert (attention.q_proj, attention.k_proj, attention.v_proj) in fused.packed.groups
+    assert (mlp.gate_proj, mlp.up_proj) in fused.packed.groups
+    kwargs = dict(max_new_tokens=12, logprobs=True, chat=False, seed=3, temperature=1.0, ignore_eos=True)
+    packed_out = fused.generate(PROMPTS, **kwargs)
+    plain_out = Sampler(tiny, pack_weights=False).generate(PROMPTS, **kwargs)
+    for packed_result, plain_result in zip(packed_out.prompts, plain_out.prompts):
+        packed_completion, plain_completion = packed_result.completions[0], plain_result.completions[0]
+        assert packed_completion.token_ids == plain_completion.token_ids
+        assert packed_completion.logprobs == pytest.approx(plain_completion.logprobs, abs=1e-4)
+    assert all("forward" not in module.__dict__ for module in tiny.model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", [None, "additive", "bool"])
+def test_decode_attention_equals_sdpa(dtype, mask_kind):
+    torch.manual_seed(0)
+    batch, heads, kv_heads, keys, dim = 4, 6, 2, 9, 16
+    query = torch.randn(batch, heads, 1, dim, dtype=dtype)
+    key, value = torch.randn(2, batch, kv_heads, keys, dim, dtype=dtype)
+    allowed = torch.ones(batch, 1, 1, keys, dtype=torch.bool)
+    allowed[1, ..., :3] = False  # a left-padded row
+    mask = {None: None, "bool": allowed,
+            "additive": torch.zeros(batch, 1, 1, keys, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)}[mask_kind]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(heads // kv_heads, dim=1), value.repeat_interleave(heads // kv_heads, dim=1),
+        attn_mask=mask).transpose(1, 2)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(decode_attention(query, key, value, mask, None), expected, atol=tolerance, rtol=tolerance)
 
 
 def test_cache_repeat_and_select_keep_the_rows():

@@ -86,7 +86,7 @@ class CollectConfig:
     k_values: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     samples_per_prompt: int = 8  # N; every k must be <= N
     max_new_tokens: int = 256
-    temperature: float = 0.8
+    temperature: float = 0.8  # 0: greedy decoding (then samples_per_prompt must be 1)
     top_p: float = 0.95
     scorer: str = "gsm8k"  # exact | numeric | gsm8k | math | code
     output_dir: str = "runs/bon"
@@ -112,8 +112,11 @@ def validate_config(config: CollectConfig, source: str = "config") -> CollectCon
     for name in ("temperature", "top_p"):
         if isinstance(getattr(config, name), bool) or not isinstance(getattr(config, name), (int, float)):
             fail(f"{name} must be a number; got {getattr(config, name)!r}")
-    if config.temperature <= 0:
-        fail(f"temperature must be > 0 for best-of-N sampling; got {config.temperature}")
+    if config.temperature < 0:
+        fail(f"temperature must be > 0 (or 0 for greedy decoding); got {config.temperature}")
+    if config.temperature == 0 and config.samples_per_prompt != 1:
+        fail(f"temperature 0 decodes greedily, so every sample would be the same: set samples_per_prompt to 1 "
+             f"(and k_values to [1]); got samples_per_prompt={config.samples_per_prompt}")
     if not 0 < config.top_p <= 1:
         fail(f"top_p must be in (0, 1]; got {config.top_p}")
     for name in ("samples_per_prompt", "max_new_tokens", "batch_size"):
@@ -267,12 +270,14 @@ def batch_seed(seed: int, prompt_ids: Sequence[str]) -> int:
 
 
 def load_model(config: CollectConfig, device: str, dtype: str):
-    from lightning_lab.models.loading import load_causal_lm
+    from lightning_lab.models.loading import LoadedModel, load_causal_lm
     from lightning_lab.models.lora import load_adapter
 
-    if config.adapter_path:
-        return load_adapter(config.adapter_path, base=config.base_model, device=device, dtype=dtype)
-    return load_causal_lm(config.base_model, device=device, dtype=dtype)
+    if not config.adapter_path:
+        return load_causal_lm(config.base_model, device=device, dtype=dtype)
+    # folded into the base weights: the same function, sampled at the plain model's speed
+    loaded = load_adapter(config.adapter_path, base=config.base_model, device=device, dtype=dtype)
+    return LoadedModel(loaded.model.merge_and_unload(), loaded.tokenizer, loaded.spec, loaded.device, loaded.dtype)
 
 
 class TelemetryWriter:
