@@ -54,6 +54,14 @@ class RaiseSignalAt(Callback):
             signal.raise_signal(self.signum)
 
 
+class CountValidations(Callback):
+    def __init__(self):
+        self.count = 0
+
+    def on_validation_start(self, trainer, pl_module):
+        self.count += 1
+
+
 def fit(run_dir: Path, *extra_callbacks: Callback, ckpt_path: str | None = None) -> pl.Trainer:
     trainer = pl.Trainer(
         default_root_dir=run_dir, max_steps=20, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -91,7 +99,9 @@ def test_fit_writes_a_completed_heartbeat_and_restores_signal_handlers(tmp_path)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_first_signal_pauses_at_batch_end_then_resume_completes(tmp_path, signum):
     handlers_before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    trainer = fit(tmp_path, RaiseSignalAt(batch_idx=5, signum=signum))  # returns: no exception, no exit
+    validations = CountValidations()
+    trainer = fit(tmp_path, RaiseSignalAt(batch_idx=5, signum=signum), validations)  # no exception, no exit
+    assert validations.count == 0  # Lightning validates on an early stop; a pause skips that
 
     assert trainer.global_step == 6  # batch 5 (the 6th step) finished, nothing after it
     last_ckpt = tmp_path / "checkpoints" / "last.ckpt"

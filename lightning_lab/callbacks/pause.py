@@ -114,6 +114,9 @@ class GracefulPause(Callback):
             if isinstance(callback, RunTracker) and callback.status == "running":
                 callback.finish("paused", signal=self.flag.signal_name, checkpoint=str(self.checkpoint_path))
         trainer.should_stop = True
+        # Lightning validates when a run stops early (for early-stopping monitors); a pause should not
+        # spend minutes on that: the resumed run validates on its usual schedule.
+        trainer.limit_val_batches = 0
 
     # Restored at the end of training (normal or not), before the Trainer's own teardown puts
     # back the handlers it saw when fit began.
