@@ -8,8 +8,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from lightning_lab.inference.sampler import (KVCache, PackedLinears, SamplingParams, Sampler, decode_attention,
-                                             sampling_weights)
+from lightning_lab.inference.sampler import KVCache, SamplingParams, Sampler, sampling_weights
 from lightning_lab.models.loading import LoadedModel, load_causal_lm
 
 PROMPTS = ["What is 2 + 3?", "Natalia sold clips to 48 of her friends in April.", "The answer"]
@@ -120,47 +119,12 @@ def test_packed_weights_follow_in_place_updates_and_leave_the_model_alone(tiny_l
         return chosen.generate(PROMPTS[0], greedy=True, max_new_tokens=8, chat=False).prompts[0].completions[0].token_ids
 
     before = greedy(sampler)
-    assert (head,) in sampler.packed.packed
+    assert head in sampler.packed.packed
     assert all("forward" not in module.__dict__ for module in loaded.model.modules())  # unpatched after the call
     with torch.no_grad():  # what an optimizer step does between two sampling calls
         head.weight.mul_(-1.0)
     after = greedy(sampler)
     assert after == greedy(Sampler(loaded, pack_weights=False)) != before
-
-
-def test_fused_sibling_products_equal_the_plain_model(tiny, monkeypatch):
-    monkeypatch.setattr(PackedLinears, "MIN_ELEMENTS", 0)  # pack the tiny model's layers too
-    fused = Sampler(tiny, pack_weights=True)
-    fused.packed = PackedLinears(tiny.model)  # not the model's shared instance, made with the usual threshold
-    attention, mlp = tiny.model.model.layers[0].self_attn, tiny.model.model.layers[0].mlp
-    assert (attention.q_proj, attention.k_proj, attention.v_proj) in fused.packed.groups
-    assert (mlp.gate_proj, mlp.up_proj) in fused.packed.groups
-    kwargs = dict(max_new_tokens=12, logprobs=True, chat=False, seed=3, temperature=1.0, ignore_eos=True)
-    packed_out = fused.generate(PROMPTS, **kwargs)
-    plain_out = Sampler(tiny, pack_weights=False).generate(PROMPTS, **kwargs)
-    for packed_result, plain_result in zip(packed_out.prompts, plain_out.prompts):
-        packed_completion, plain_completion = packed_result.completions[0], plain_result.completions[0]
-        assert packed_completion.token_ids == plain_completion.token_ids
-        assert packed_completion.logprobs == pytest.approx(plain_completion.logprobs, abs=1e-4)
-    assert all("forward" not in module.__dict__ for module in tiny.model.modules())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mask_kind", [None, "additive", "bool"])
-def test_decode_attention_equals_sdpa(dtype, mask_kind):
-    torch.manual_seed(0)
-    batch, heads, kv_heads, keys, dim = 4, 6, 2, 9, 16
-    query = torch.randn(batch, heads, 1, dim, dtype=dtype)
-    key, value = torch.randn(2, batch, kv_heads, keys, dim, dtype=dtype)
-    allowed = torch.ones(batch, 1, 1, keys, dtype=torch.bool)
-    allowed[1, ..., :3] = False  # a left-padded row
-    mask = {None: None, "bool": allowed,
-            "additive": torch.zeros(batch, 1, 1, keys, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)}[mask_kind]
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        query, key.repeat_interleave(heads // kv_heads, dim=1), value.repeat_interleave(heads // kv_heads, dim=1),
-        attn_mask=mask).transpose(1, 2)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(decode_attention(query, key, value, mask, None), expected, atol=tolerance, rtol=tolerance)
 
 
 def test_cache_repeat_and_select_keep_the_rows():
@@ -353,3 +317,30 @@ def test_smollm2_greedy_equals_generate(gsm8k_path):
     prompt_ids = [result.prompt_token_ids for result in out.prompts]
     assert prompt_ids[0] == sampler.encode([{"role": "user", "content": questions[0]}])
     assert [result.completions[0].token_ids for result in out.prompts] == hf_greedy(loaded, prompt_ids, 32)
+
+
+def test_a_peft_model_decodes_through_its_base_with_the_adapter_on(tiny_llama_dir):
+    from lightning_lab.models.lora import LoraSettings, add_lora
+
+    loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32"))
+    peft_model = add_lora(loaded.model, LoraSettings(rank=2))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a LoRA that changes the function (peft starts B at zero)
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.5)
+    sampler = Sampler(LoadedModel(peft_model, loaded.tokenizer, loaded.spec, loaded.device, loaded.dtype))
+    assert sampler.model is peft_model.get_base_model() and sampler._has_logits_to_keep
+    adapted = sampler.generate(PROMPTS, greedy=True, max_new_tokens=10, chat=False, logprobs=True)
+    with torch.no_grad():
+        expected = [full_pass(peft_model, result.prompt_token_ids + result.completions[0].token_ids)[0]
+                    for result in adapted.prompts]
+    for result, logits in zip(adapted.prompts, expected):
+        completion, start = result.completions[0], len(result.prompt_token_ids)
+        reference = torch.log_softmax(logits[start - 1:-1], dim=-1)
+        assert completion.token_ids == reference.argmax(dim=-1).tolist()[:len(completion.token_ids)]
+        chosen = reference.gather(-1, torch.tensor(completion.token_ids)[:, None]).squeeze(-1)
+        assert completion.logprobs == pytest.approx(chosen.tolist(), abs=1e-3)
+    with peft_model.disable_adapter():  # the adapter really is on in the comparison above
+        plain = sampler.generate(PROMPTS, greedy=True, max_new_tokens=10, chat=False)
+    assert [c[0].token_ids for c in plain.completions] != [c[0].token_ids for c in adapted.completions]

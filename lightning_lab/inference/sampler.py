@@ -46,8 +46,8 @@ does one extra forward pass at the end (one step more than a plain run; nothing 
 ``capture_rows=True`` also keeps the whole row (``attention_rows[t][j]``: the weights of query i over
 positions 0..i of the sequence, padding removed). Heads are computed only for the chosen (layer, head)
 pairs: a custom attention function registered with ``transformers.AttentionInterface`` as
-``"lab_sampler"`` runs the model's usual attention and, for those heads alone, softmax(q kᵀ/√d +
-mask) for the new query rows. The model runs under that implementation only while the sampler runs.
+``"lab_capture"`` runs the model's usual SDPA attention and, for those heads alone, softmax(q kᵀ/√d +
+mask) for the new query rows. The model runs under that implementation only for the capture call.
 
 Step-wise decoding (controllers)
 ``state = start(prompt)``; ``step(state)`` samples one token, feeds it to the model and returns a
@@ -66,9 +66,8 @@ bits; bf16 packed products are bit-identical). Greedy decoding does not depend o
 arithmetic; the step-wise API draws from its own generator, seeded in `start`.
 
 Speed (``bench/sampler.py`` measures it against ``transformers.generate``): shared prefill; the
-preallocated cache; on CPU, decode-step attention as two batched products over grouped-query heads
-(`decode_attention`, instead of SDPA), oneDNN-prepacked linear weights with q/k/v and gate/up fused into
-one product each (`PackedLinears`, ``pack_weights``); batched on-device sampling
+preallocated cache; a 4D decode mask that keeps SDPA on its fast grouped-query path (`Sampler._decode_mask`);
+oneDNN-prepacked linear weights on CPU (`PackedLinears`, ``pack_weights``); batched on-device sampling
 with the top-k shortcut for top-p; dropping finished rows; one host sync per step; attention capture
 batched over layers. ``torch.compile`` is not used: on the 2-core development CPU compiling the model took
 minutes and the compiled decode step was no faster than this one.
@@ -94,9 +93,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 TOP_P_CANDIDATES = 256  # top-p looks at this many best tokens first; sorts the whole vocabulary only if they fall short
 DROP_FINISHED_FRACTION = 0.25  # compact the batch once this fraction of its rows has finished
 ROWS_PER_BATCH = 64  # default batch_size = max(1, ROWS_PER_BATCH // n) prompts per forward pass
-SAMPLER_ATTENTION = "lab_sampler"  # attention implementation registered below (decode fast path + capture)
+CAPTURE_ATTENTION = "lab_capture"  # attention implementation name registered below
 INCOMPLETE = "\ufffd"  # what decoding shows for the bytes of a character that is not complete yet
-MASK_4D_IMPLEMENTATIONS = {"sdpa", "eager", SAMPLER_ATTENTION}  # take an additive (batch, 1, queries, keys) mask
+MASK_4D_IMPLEMENTATIONS = {"sdpa", "eager", CAPTURE_ATTENTION}  # take an additive (batch, 1, queries, keys) mask
 
 Prompt = str | Sequence[dict] | Sequence[int]
 
@@ -309,9 +308,6 @@ def new_cache(config, capacity: int) -> Cache:
 
 # ---- prepacked linear layers ------------------------------------------------------------------
 
-# Sibling projections that read the same input (llama-style attention and MLP, the lab GPT): one product.
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
 
 class PackedLinears:
     """oneDNN-prepacked copies of a CPU model's `nn.Linear` weights, used while the sampler runs.
@@ -326,15 +322,9 @@ class PackedLinears:
     `F.linear`. bf16 results are bit-identical to `F.linear`; fp32 ones differ in summation order
     (~1e-6 relative).
 
-    Siblings that read the same input (`FUSED_SIBLINGS`: q/k/v, gate/up) share one packed matrix: the
-    first of them called with a new input computes all their outputs in one product (wider products use
-    the CPU better: q/k/v for 32 rows in 0.8x, for one row in 0.4x the time of three calls) and hands
-    the others their slices when they are called with that same tensor object (a model that changed
-    the input in place between the sibling calls would get stale slices; none of the supported ones does).
-
-    Inside ``with packed:`` every plain `nn.Linear` of the model computes through a packed forward (an
+    Inside ``with packed:`` every plain `nn.Linear` of the model computes through `_packed_forward` (an
     instance-level ``forward``, removed on exit, so training and other callers never see it). A copy is
-    re-made when a weight changed since it was packed (new storage or an in-place update, e.g. an
+    re-made when its weight changed since it was packed (new storage or an in-place update, e.g. an
     optimizer step between two sampling calls). Costs one extra copy of the linear weights in memory.
     """
 
@@ -344,21 +334,11 @@ class PackedLinears:
     def __init__(self, model: torch.nn.Module):
         # plain nn.Linear only (subclasses may compute differently); none whose forward is already
         # replaced on the instance (accelerate's hooks do that); none too small to gain
-        linears = [module for module in model.modules() if type(module) is torch.nn.Linear
-                   and "forward" not in module.__dict__ and module.weight.device.type == "cpu"
-                   and module.weight.dtype in (torch.bfloat16, torch.float32)
-                   and module.weight.numel() >= self.MIN_ELEMENTS]
-        eligible = set(linears)
-        self.groups: list[tuple[torch.nn.Linear, ...]] = []
-        for parent in model.modules():
-            for names in FUSED_SIBLINGS:
-                members = tuple(getattr(parent, name, None) for name in names)
-                if (all(member in eligible and member.bias is None for member in members)
-                        and len({(member.in_features, member.weight.dtype) for member in members}) == 1):
-                    self.groups.append(members)
-        grouped = {member for members in self.groups for member in members}
-        self.groups += [(module,) for module in linears if module not in grouped]
-        self.packed: dict[tuple[torch.nn.Linear, ...], tuple[tuple, torch.Tensor]] = {}
+        self.linears = [module for module in model.modules() if type(module) is torch.nn.Linear
+                        and "forward" not in module.__dict__ and module.weight.device.type == "cpu"
+                        and module.weight.dtype in (torch.bfloat16, torch.float32)
+                        and module.weight.numel() >= self.MIN_ELEMENTS]
+        self.packed: dict[torch.nn.Linear, tuple[tuple[int, int], torch.Tensor]] = {}
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> PackedLinears:
@@ -374,60 +354,35 @@ class PackedLinears:
                                                                                            "_linear_pointwise")
 
     def __enter__(self):
-        for members in self.groups:
-            stamp = tuple(_weight_stamp(member.weight) for member in members)
-            entry = self.packed.get(members)
+        for module in self.linears:
+            weight = module.weight
+            try:
+                stamp = (weight.data_ptr(), weight._version)
+            except RuntimeError:  # weights created under inference_mode keep no version counter
+                stamp = (weight.data_ptr(), -1)
+            entry = self.packed.get(module)
             if entry is None or entry[0] != stamp:
-                weight = torch.cat([member.weight.detach() for member in members]) if len(members) > 1 \
-                    else members[0].weight.detach()
-                entry = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight, self.BATCH_HINT))
-                self.packed[members] = entry
-            group = _PackedGroup(members, entry[1])
-            for member in members:
-                member.forward = group.forward_of(member)
+                entry = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.BATCH_HINT))
+                self.packed[module] = entry
+            module.forward = _packed_forward(module, entry[1])
         return self
 
     def __exit__(self, *exc):
-        for members in self.groups:
-            for member in members:
-                member.__dict__.pop("forward", None)
+        for module in self.linears:
+            module.__dict__.pop("forward", None)
         return False
 
 
 _PACKED_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _weight_stamp(weight: torch.Tensor) -> tuple[int, int]:
-    try:
-        return weight.data_ptr(), weight._version
-    except RuntimeError:  # weights created under inference_mode keep no version counter
-        return weight.data_ptr(), -1
+def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != packed.dtype:  # the module's own path (and cast rules)
+            return torch.nn.functional.linear(x, module.weight, module.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
 
-
-class _PackedGroup:
-    """The packed forward of one linear layer, or of siblings sharing one product (see `PackedLinears`)."""
-
-    def __init__(self, members: tuple[torch.nn.Linear, ...], packed: torch.Tensor):
-        self.members, self.packed = members, packed
-        self.sizes = [member.out_features for member in members]
-        self.input: torch.Tensor | None = None  # the input of the last fused product ...
-        self.waiting: dict[torch.nn.Linear, torch.Tensor] = {}  # ... and the slices not handed out yet
-
-    def forward_of(self, module: torch.nn.Linear):
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if x is self.input and module in self.waiting:
-                return self.waiting.pop(module)
-            if x.dtype != self.packed.dtype:
-                return torch.nn.functional.linear(x, module.weight, module.bias)  # the module's own path
-            output = torch.ops.mkldnn._linear_pointwise(x, self.packed, module.bias, "none", [], "")
-            if len(self.members) == 1:
-                return output
-            parts = output.split(self.sizes, dim=-1)
-            self.input = x
-            self.waiting = {member: part for member, part in zip(self.members, parts) if member is not module}
-            return parts[self.members.index(module)]
-
-        return forward
+    return forward
 
 
 # ---- attention capture --------------------------------------------------------------------------
@@ -437,7 +392,7 @@ class AttentionCapture:
     """Records, at every forward pass, the attention rows of a few (layer, head) pairs.
 
     Attached to the attention modules of the chosen layers (attribute ``_lab_capture``) while the model
-    runs with the ``"lab_sampler"`` attention implementation. During the pass, `sampler_attention_forward`
+    runs with the ``"lab_capture"`` attention implementation. During the pass, `capture_attention_forward`
     only keeps references to the chosen heads' queries and keys (`record`); `collect` then computes all
     their attention rows at once, as transformers' eager attention would (scores in the model dtype,
     mask added, softmax in fp32): a few batched operations per step instead of a few per layer.
@@ -517,42 +472,17 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, attention_mask, scal
     return torch.softmax(scores, dim=-1, dtype=torch.float32)
 
 
-def sampler_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    """The attention the sampler runs the model with: `decode_attention` for one-token steps on CPU,
-    the model's SDPA attention otherwise; plus the rows of the captured heads when this layer has a capture."""
-    if query.shape[2] == 1 and query.device.type == "cpu" and not module.training:
-        output = decode_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
-    else:
-        output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+def capture_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """The model's SDPA attention, plus the rows of the captured heads when this layer has a capture."""
+    output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     capture = getattr(module, "_lab_capture", None)
     if capture is not None:
         capture.record(module, query, key, attention_mask, kwargs.get("scaling"))
     return output
 
 
-def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
-    """Attention of one new query per row, (batch, 1, heads, dim), as eager attention computes it
-    (scores in the model dtype, additive or boolean mask, softmax in fp32) with grouped-query heads as a view, not a copy.
-
-    Why not SDPA: on CPU, torch's SDPA kernels are built for many queries; for the single query of a
-    decode step two batched products are several times faster (bf16, 32 rows, 200 keys: 0.26 ms
-    against 4 ms with the keys repeated per head; fp32: 0.38 against 1.5 ms, on the 2-core development CPU).
-    """
-    batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    grouped = query.view(batch, kv_heads, heads // kv_heads, dim)  # query head h reads key head h // groups
-    scores = torch.matmul(grouped, key.transpose(-1, -2)) * (scaling if scaling is not None else dim ** -0.5)
-    if attention_mask is not None:  # (batch, 1, 1, keys) broadcasts over (batch, kv_heads, groups, keys)
-        attention_mask = attention_mask[..., :key.shape[-2]]
-        scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
-                  else scores + attention_mask)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    return torch.matmul(probs, value).view(batch, 1, heads, dim)
-
-
-AttentionInterface.register(SAMPLER_ATTENTION, sampler_attention_forward)
-AttentionMaskInterface.register(SAMPLER_ATTENTION, sdpa_mask)  # the same masks SDPA gets
+AttentionInterface.register(CAPTURE_ATTENTION, capture_attention_forward)
+AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)  # the same masks SDPA gets
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -868,7 +798,7 @@ class Sampler:
         stack = contextlib.ExitStack()
         if self.packed is not None:
             stack.enter_context(self.packed)
-        stack.enter_context(_AttentionContext(self.model, self.attention_modules, capture))
+        stack.enter_context(_CaptureContext(self.model, self.attention_modules, capture))
         return stack
 
     # ---- step-wise decoding ----
@@ -955,41 +885,33 @@ class Sampler:
         return outputs
 
 
-class _AttentionContext:
-    """Runs the model with the sampler's attention ("lab_sampler": `decode_attention` for decode steps on
-    CPU, SDPA otherwise, and the capture's recording) when it would otherwise run SDPA on CPU or when
-    heads are captured, with `capture` attached to the chosen layers' attention modules; restores the
-    previous implementation afterwards. Other implementations (flash attention on a GPU, ...) are kept."""
+class _CaptureContext:
+    """Runs the model with the "lab_capture" attention and `capture` attached to the chosen layers' attention
+    modules; restores the previous implementation afterwards. Does nothing when `capture` is None."""
 
     def __init__(self, model, attention_modules: dict, capture: AttentionCapture | None):
-        self.model, self.capture, self.modules = model, capture, []
+        self.model, self.capture = model, capture
         if capture is not None:
             missing = sorted(set(capture.heads_by_layer) - set(attention_modules))
             if missing:
                 raise RuntimeError(f"{type(model).__name__}: no attention module with layer_idx {missing} "
                                    "(capture needs transformers-style attention modules with `layer_idx`)")
             self.modules = [attention_modules[layer] for layer in capture.heads_by_layer]
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        self.switch = capture is not None or (on_cpu and model.config._attn_implementation == "sdpa")
 
     def __enter__(self):
-        if not self.switch:
+        if self.capture is None:
             return self
         self.previous_implementation = self.model.config._attn_implementation
-        with contextlib.suppress(ValueError):
-            self.model.set_attn_implementation(SAMPLER_ATTENTION)
-        if self.model.config._attn_implementation != SAMPLER_ATTENTION:
-            if self.capture is not None:
-                raise RuntimeError(f"{type(self.model).__name__} cannot switch its attention implementation (it "
-                                   "must call transformers' ALL_ATTENTION_FUNCTIONS), so heads cannot be captured")
-            self.switch = False  # plain decoding runs with the model's own attention
-            return self
+        self.model.set_attn_implementation(CAPTURE_ATTENTION)
+        if self.model.config._attn_implementation != CAPTURE_ATTENTION:
+            raise RuntimeError(f"{type(self.model).__name__} cannot switch its attention implementation "
+                               "(it must call transformers' ALL_ATTENTION_FUNCTIONS), so heads cannot be captured")
         for module in self.modules:
             module._lab_capture = self.capture
         return self
 
     def __exit__(self, *exc):
-        if not self.switch:
+        if self.capture is None:
             return False
         for module in self.modules:
             del module._lab_capture
