@@ -61,7 +61,7 @@ def write_synthetic_run(path: Path, success_probabilities, n: int, seed: int, ad
 
 
 def test_shipped_configs_are_valid():
-    for name in ("collector_base.json", "collector_adapter.json"):
+    for name in ("collector_base.json", "collector_adapter.json", "gsm8k_dev.json"):
         config = bon.load_config(REPO / "configs" / "bon" / name)
         assert max(config.k_values) <= config.samples_per_prompt
     assert bon.load_config(REPO / "configs/bon/collector_adapter.json").adapter_name == "sft-bon"
