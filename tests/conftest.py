@@ -67,6 +67,25 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_lab_gpt_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """A tiny lab GPT with mHC streams and the tiny llama's tokenizer, saved as a HF directory."""
+    from transformers import AutoTokenizer
+
+    from lightning_lab.models.gpt import LabGPTConfig, LabGPTForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny_lab_gpt")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(0)
+    model = LabGPTForCausalLM(LabGPTConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, mhc={"enabled": True}, initializer_range=0.1,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def gsm8k_path() -> Path:
     if not SHARED_GSM8K.is_file():
         pytest.skip(f"GSM8K train file not found at {SHARED_GSM8K}")

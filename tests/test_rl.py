@@ -137,10 +137,8 @@ def test_bad_reward_stops_the_run_naming_the_sample(tiny_llama_dir, task, capsys
     assert heartbeat["status"] == "failed"
 
 
-def test_rl_step_on_the_lab_gpt_with_mhc(tiny_llama_dir, task, tmp_path):
-    from test_sft import lab_gpt_dir
-
-    model_dir = lab_gpt_dir(tiny_llama_dir, tmp_path / "lab_gpt")
+def test_rl_step_on_the_lab_gpt_with_mhc(tiny_lab_gpt_dir, task, tmp_path):
+    model_dir = tiny_lab_gpt_dir
     argv = rl_argv(model_dir, task, "gpt", "toy_rewards:contains_digit", "--trainer.max_steps", "2")
     assert lab_main(argv) == 0
     steps = metrics(task["root"] / "rl" / "gpt")

@@ -40,23 +40,6 @@ def train_losses(run_dir: Path) -> list[float]:
     return [record["train_loss"] for record in records if "train_loss" in record]
 
 
-def lab_gpt_dir(tokenizer_dir: Path, out: Path) -> Path:
-    """A tiny lab GPT with mHC streams and the fixture's tokenizer, saved as a HF directory."""
-    from transformers import AutoTokenizer
-
-    from lightning_lab.models.gpt import LabGPTConfig, LabGPTForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    model = LabGPTForCausalLM(LabGPTConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, mhc={"enabled": True}, initializer_range=0.1,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def test_prompts_are_tokenized_as_the_sampler_tokenizes_them(tiny_llama_dir):
     loaded = load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32")
     sampler = Sampler(loaded)
@@ -155,8 +138,8 @@ def test_resume_from_a_mid_run_checkpoint_equals_an_uninterrupted_run(tiny_llama
     assert train_losses(root / "sft" / "resumed") == train_losses(root / "sft" / "straight")[3:]
 
 
-def test_sft_on_the_lab_gpt_with_mhc(tiny_llama_dir, tmp_path):
-    model_dir = lab_gpt_dir(tiny_llama_dir, tmp_path / "lab_gpt")
+def test_sft_on_the_lab_gpt_with_mhc(tiny_lab_gpt_dir, tmp_path):
+    model_dir = tiny_lab_gpt_dir
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     argv = sft_argv(model_dir, data, tmp_path / "runs", "gpt", "--trainer.max_steps", "10")
     assert lab_main(argv) == 0

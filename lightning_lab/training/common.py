@@ -14,10 +14,13 @@
 
 from __future__ import annotations
 
+import random
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -55,6 +58,46 @@ class MetricsJsonl(Callback):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def rng_states() -> dict:
+    """Python, NumPy and torch RNG states as tensors, ints and tuples (loadable with torch.load(weights_only=True))."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position,
+                                                     has_gauss, cached_gaussian),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ExactResume(Callback):
+    """Saves the RNG states (Python, NumPy, torch, CUDA) in every checkpoint and restores them on resume,
+    so dropout, sampling and shuffling continue as in an uninterrupted run."""
+
+    def __init__(self) -> None:
+        self.states_to_restore: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # restored here, after setup and the sanity check have drawn whatever random numbers they draw
+        if self.states_to_restore is not None:
+            set_rng_states(self.states_to_restore)
+            self.states_to_restore = None
 
 
 class SaveConfigToRunDir(SaveConfigCallback):
@@ -101,7 +144,7 @@ class LabCLI(LightningCLI):
                                      auto_insert_metric_name=False, save_last=True, save_top_k=-1,
                                      every_n_train_steps=run.checkpoint_every_n_steps)
         lab_callbacks = [RunTracker(stage=self.stage, required_artifacts=self.required_artifacts),
-                         GracefulPause(), checkpoint, MetricsJsonl()]
+                         GracefulPause(), checkpoint, MetricsJsonl(), ExactResume()]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         return self._instantiate_trainer(trainer_config, extra + lab_callbacks)

@@ -26,18 +26,16 @@ which `load_causal_lm(<ckpt>)` reads) and ``pretrain_config.json`` (this module'
 
 Resume (``--ckpt_path last``) is exact: weights, optimizer, LR schedule and step from Lightning's
 checkpoint, the batch order from `PackedDataModule`'s state, and the Python / NumPy / torch RNG
-states from the ``rng_states`` entry this module adds to every checkpoint.
+states from the ``rng_states`` entry the `ExactResume` callback (training/common.py) adds to every checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,26 +70,6 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def rng_states() -> dict:
-    """Python, NumPy and torch RNG states as tensors, ints and tuples (loadable with torch.load(weights_only=True))."""
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position,
-                                                     has_gauss, cached_gaussian),
-              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 class PretrainModule(L.LightningModule):
     """Next-token prediction on packed (input_ids, labels) batches whose labels are already shifted.
 
@@ -115,7 +93,6 @@ class PretrainModule(L.LightningModule):
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
         self.model = LabGPTForCausalLM(build_model_config(model_config, self.tokenizer))
-        self._rng_states_to_restore: dict | None = None
         self._val_loss_sum = self._val_tokens = 0.0
 
     # ---- run directory -------------------------------------------------------------------
@@ -182,21 +159,6 @@ class PretrainModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
             step, self.hparams.warmup_steps, max_steps, self.hparams.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    # ---- exact resume: RNG states travel with the checkpoint -----------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = rng_states()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._rng_states_to_restore = checkpoint.get("rng_states")
-
-    def on_train_start(self) -> None:
-        # restored here, after setup and the sanity check have drawn whatever random numbers they draw
-        if self._rng_states_to_restore is not None:
-            set_rng_states(self._rng_states_to_restore)
-            self._rng_states_to_restore = None
-
 
 def main(argv: list[str]) -> int:
     run_stage_cli(PretrainModule, PackedDataModule, "pretrain", argv)

@@ -58,7 +58,7 @@ from lightning_lab.data.io import DataError
 from lightning_lab.models.loading import load_causal_lm
 from lightning_lab.models.lora import LoraSettings, add_lora, save_adapter
 from lightning_lab.training.common import run_stage_cli
-from lightning_lab.training.pretrain import rng_states, set_rng_states, warmup_cosine
+from lightning_lab.training.pretrain import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,6 @@ class LoraModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
         self.strict_loading = False  # only LoRA weights are saved; on_load_checkpoint checks them
-        self._rng_states_to_restore: dict | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -259,7 +258,6 @@ class LoraModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved_model = checkpoint.get("hyper_parameters", {}).get("model")
@@ -272,13 +270,6 @@ class LoraModule(L.LightningModule):
             example = sorted(saved ^ expected)[:3]
             raise ValueError(f"checkpoint LoRA weights do not match this model's ({len(saved)} saved, "
                              f"{len(expected)} expected; e.g. {example}): same model.model and model.lora?")
-        self._rng_states_to_restore = checkpoint.get("rng_states")
-
-    def on_train_start(self) -> None:
-        # restored here, after setup and the sanity check have drawn whatever random numbers they draw
-        if self._rng_states_to_restore is not None:
-            set_rng_states(self._rng_states_to_restore)
-            self._rng_states_to_restore = None
 
     def adapter_dir(self) -> Path:
         return Path(self.trainer.default_root_dir) / "adapters" / self.hparams.adapter_name
