@@ -15,8 +15,8 @@ import sys
 # name -> ("module:function", one-line help). Only commands that exist are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lightning_lab.demo:main", "a short CPU tour: best-of-N with SmolLM2, pretraining the lab GPT"),
-    "status": ("lightning_lab.callbacks.tracker:status_main", "one row per run: step/total, rate, ETA, status, heartbeat age"),
-    "artifacts": ("lightning_lab.callbacks.tracker:artifacts_main", "required vs present artifacts per run"),
+    "status": ("lightning_lab.callbacks.status:status_main", "one row per run: step/total, rate, ETA, status, heartbeat age"),
+    "artifacts": ("lightning_lab.callbacks.status:artifacts_main", "required vs present artifacts per run"),
     "data": ("lightning_lab.data.cli:main", "corpus | tokenizer | pack: build pretraining data"),
     "pretrain": ("lightning_lab.training.pretrain:main", "LightningCLI: pretrain the lab GPT (fit | validate)"),
     "export": ("lightning_lab.export:main", "write a checkpoint as a HF directory (safetensors + tokenizer)"),

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_lab.callbacks.tracker import RunTracker, artifacts_main, human_duration, status_main
+from lightning_lab.callbacks.status import artifacts_main, human_duration, status_main
+from lightning_lab.callbacks.tracker import RunTracker
 from lightning_lab.cli import main as lab_main
 
 
