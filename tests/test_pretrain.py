@@ -114,7 +114,7 @@ def test_sigint_pause_and_resume_equals_uninterrupted_run(data, tmp_path):
     assert pause_events == [("pause", 5), ("resume", 5)]
 
 
-def test_export_round_trip(data, tmp_path):
+def test_export_round_trip(data, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from lightning_lab.export import main as export_main
@@ -139,6 +139,17 @@ def test_export_round_trip(data, tmp_path):
         torch.testing.assert_close(from_directory.model(input_ids).logits, expected, atol=0, rtol=0)
         torch.testing.assert_close(auto(input_ids).logits, expected, atol=0, rtol=0)
     assert auto.generation_config.eos_token_id == from_directory.tokenizer.eos_token_id
+
+    # the run keeps its own tokenizer copy: the checkpoint loads from another directory, even once the
+    # tokenizer it was trained with is gone
+    moved = data["root"] / "tokenizer_moved"
+    os.replace(data["tokenizer"], moved)
+    monkeypatch.chdir(tmp_path / "pretrain")
+    try:
+        elsewhere = load_causal_lm("export/checkpoints/last.ckpt", device="cpu", dtype="fp32")
+    finally:
+        os.replace(moved, data["tokenizer"])
+    assert elsewhere.tokenizer(prompt).input_ids == input_ids[0].tolist()
 
 
 def test_vocab_mismatch_is_a_clear_error(data, tmp_path):

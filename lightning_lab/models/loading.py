@@ -235,12 +235,16 @@ def _load_lab_checkpoint(path: Path, kwargs: dict):
         raise ModelLoadError(f"checkpoint {path} could not be read: {error}") from error
     run_dir = path.parent.parent
     config_file = run_dir / "model_config.json"
-    tokenizer_dir = checkpoint.get("hyper_parameters", {}).get("tokenizer")
-    if not config_file.is_file() or not tokenizer_dir:
-        raise ModelLoadError(f"checkpoint {path}: expected {config_file} and a `tokenizer` hyper-parameter")
-    if not Path(tokenizer_dir).is_dir():
-        raise ModelLoadError(f"checkpoint {path}: its tokenizer {tokenizer_dir!r} is not a directory "
-                             f"(a relative path counts from where training ran; run from there)")
+    if not config_file.is_file():
+        raise ModelLoadError(f"checkpoint {path}: expected {config_file} beside its checkpoints/ folder")
+    # the run's own copy of the tokenizer; runs from before that copy existed name it in their hyper-parameters
+    tokenizer_dir = run_dir / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        tokenizer_dir = checkpoint.get("hyper_parameters", {}).get("tokenizer")
+        if not tokenizer_dir or not Path(tokenizer_dir).is_dir():
+            raise ModelLoadError(f"checkpoint {path}: no tokenizer in {run_dir / 'tokenizer'}, and its `tokenizer` "
+                                 f"hyper-parameter {tokenizer_dir!r} is not a directory from here (a relative "
+                                 "path counts from where training ran)")
     config_dict = json.loads(config_file.read_text())
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model = AutoModelForCausalLM.from_config(config, **kwargs)

@@ -22,7 +22,8 @@ TensorBoard or W&B): ``train_loss``, ``train_ppl``, ``lr`` every step and ``val_
 ``val_ppl`` (token-weighted over the validation batches) each validation.
 
 Written to the run directory (beside ``checkpoints/``): ``model_config.json`` (the LabGPTConfig,
-which `load_causal_lm(<ckpt>)` reads) and ``pretrain_config.json`` (this module's arguments).
+which `load_causal_lm(<ckpt>)` reads), ``tokenizer/`` (a copy, so a checkpoint loads from any working
+directory) and ``pretrain_config.json`` (this module's arguments).
 
 Resume (``--ckpt_path last``) is exact: weights, optimizer, LR schedule and step from Lightning's
 checkpoint, the batch order from `PackedDataModule`'s state, and the Python / NumPy / torch RNG
@@ -106,6 +107,7 @@ class PretrainModule(L.LightningModule):
         if self.trainer.is_global_zero:
             run_dir = Path(self.trainer.default_root_dir)
             write_json_atomic(run_dir / "model_config.json", json.loads(self.model.config.to_json_string()))
+            self.tokenizer.save_pretrained(run_dir / "tokenizer")  # the checkpoints load from any directory
             write_json_atomic(run_dir / "pretrain_config.json", {
                 **self.hparams,
                 "num_parameters": sum(p.numel() for p in self.model.parameters())})
