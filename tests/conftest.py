@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
+from lightning.pytorch import Callback
 
 # Spinning OpenMP threads slow small steps 10-80x when the 2 cores are shared (e.g. with a subprocess).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -15,6 +17,20 @@ import torch  # noqa: E402  (after OMP_WAIT_POLICY, which is read when torch loa
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+
+class SigintAtStep(Callback):
+    """Sends this process a real SIGINT once `step` optimizer steps are done (GracefulPause must catch it).
+    Stages take it on the command line: --trainer.callbacks+=conftest.SigintAtStep --trainer.callbacks.step=N"""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 

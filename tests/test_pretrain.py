@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback
 
 from lightning_lab.data.corpus import CorpusConfig, write_corpus
 from lightning_lab.data.packed import pack
@@ -21,17 +19,6 @@ from lightning_lab.training.pretrain import PretrainModule, main, warmup_cosine
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MICRO_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2)
-
-
-class SigintAtStep(Callback):
-    """Sends this process a real SIGINT once `step` optimizer steps are done (GracefulPause must catch it)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +80,7 @@ def test_sigint_pause_and_resume_equals_uninterrupted_run(data, tmp_path):
               "--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--data.seq_len", "32",
               "--data.batch_size", "4", "--data.val_batches", "2", "--model.warmup_steps", "3")
     main(fit_args(data, tmp_path, "straight", *common))
-    main(fit_args(data, tmp_path, "paused", *common, f"--trainer.callbacks+={SigintAtStep.__module__}.SigintAtStep",
+    main(fit_args(data, tmp_path, "paused", *common, "--trainer.callbacks+=conftest.SigintAtStep",
                   "--trainer.callbacks.step=5"))
     paused_run = tmp_path / "pretrain" / "paused"
     heartbeat = json.loads((paused_run / "_run_tracker" / "heartbeat.json").read_text())

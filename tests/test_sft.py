@@ -138,6 +138,26 @@ def test_resume_from_a_mid_run_checkpoint_equals_an_uninterrupted_run(tiny_llama
     assert train_losses(root / "sft" / "resumed") == train_losses(root / "sft" / "straight")[3:]
 
 
+def test_ctrl_c_pause_then_resume_equals_an_uninterrupted_run(tiny_llama_dir, tmp_path):
+    # 10 pairs in batches of 2: the pause (after step 3) lands mid-epoch and the run crosses into epoch 2
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{**pair, "id": f"{pair['id']}{i}"} for i in range(3)
+                                                  for pair in PAIRS][:10])
+    common = ["--trainer.max_steps", "8", "--data.batch_size", "2", "--model.lora.dropout", "0.1"]
+    root = tmp_path / "runs"
+    assert lab_main(sft_argv(tiny_llama_dir, data, root, "straight", *common)) == 0
+    assert lab_main(sft_argv(tiny_llama_dir, data, root, "paused", *common,
+                             "--trainer.callbacks+=conftest.SigintAtStep", "--trainer.callbacks.step=3")) == 0
+    heartbeat = json.loads((root / "sft" / "paused" / "_run_tracker" / "heartbeat.json").read_text())
+    assert (heartbeat["status"], heartbeat["step"]) == ("paused", 3)
+    assert lab_main(sft_argv(tiny_llama_dir, data, root, "paused", *common, "--ckpt_path", "last")) == 0
+
+    straight = load_file(root / "sft" / "straight" / "adapters" / "final" / "adapter_model.safetensors")
+    resumed = load_file(root / "sft" / "paused" / "adapters" / "final" / "adapter_model.safetensors")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+    assert train_losses(root / "sft" / "paused") == train_losses(root / "sft" / "straight")
+
+
 def test_sft_on_the_lab_gpt_with_mhc(tiny_lab_gpt_dir, tmp_path):
     model_dir = tiny_lab_gpt_dir
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
