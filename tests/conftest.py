@@ -7,7 +7,6 @@ import signal
 from pathlib import Path
 
 import pytest
-from lightning.pytorch import Callback
 
 # Spinning OpenMP threads slow small steps 10-80x when the 2 cores are shared (e.g. with a subprocess).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -17,6 +16,7 @@ import torch  # noqa: E402  (after OMP_WAIT_POLICY, which is read when torch loa
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+from lightning.pytorch import Callback  # noqa: E402  (after HF_HUB_OFFLINE, which huggingface_hub reads on import)
 
 
 

@@ -50,6 +50,23 @@ def test_directory_without_config_is_rejected(tmp_path):
         load_causal_lm(str(tmp_path), device="cpu", dtype="fp32")
 
 
+def test_cached_hub_id_loads_from_the_local_cache(tiny_llama_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    repo = tmp_path / "hub" / "models--lab--tiny"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    from_cache = load_causal_lm("lab/tiny", device="cpu", dtype="fp32")
+    from_directory = load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(from_cache.model(ids).logits, from_directory.model(ids).logits, atol=0, rtol=0)
+
+
 def test_unreachable_hub_id_fails_fast_and_says_what_to_pass(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

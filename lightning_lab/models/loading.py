@@ -263,13 +263,16 @@ def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool
 
 
 def _load_hub_id(hub_id: str, kwargs: dict):
+    from huggingface_hub import try_to_load_from_cache
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:  # already in the local Hugging Face cache: no network needed
-        return (AutoModelForCausalLM.from_pretrained(hub_id, local_files_only=True, **kwargs),
-                AutoTokenizer.from_pretrained(hub_id, local_files_only=True))
-    except OSError:
-        pass
+    cached_config = try_to_load_from_cache(hub_id, "config.json")
+    if isinstance(cached_config, str):
+        # in the local Hugging Face cache: load its snapshot folder. Not the id with local_files_only,
+        # which still looks for an adapter config online and, with no network, retries for ~25 s.
+        snapshot = Path(cached_config).parent
+        return (AutoModelForCausalLM.from_pretrained(snapshot, **kwargs),
+                AutoTokenizer.from_pretrained(snapshot))
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     if offline or not _hub_reachable():
         raise ModelLoadError(
