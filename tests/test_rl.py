@@ -138,8 +138,7 @@ def test_bad_reward_stops_the_run_naming_the_sample(tiny_llama_dir, task, capsys
 
 
 def test_rl_step_on_the_lab_gpt_with_mhc(tiny_lab_gpt_dir, task, tmp_path):
-    model_dir = tiny_lab_gpt_dir
-    argv = rl_argv(model_dir, task, "gpt", "toy_rewards:contains_digit", "--trainer.max_steps", "2")
+    argv = rl_argv(tiny_lab_gpt_dir, task, "gpt", "toy_rewards:contains_digit", "--trainer.max_steps", "2")
     assert lab_main(argv) == 0
     steps = metrics(task["root"] / "rl" / "gpt")
     assert len(steps) == 2 and steps[-1]["train_kl"] > 0

@@ -159,9 +159,8 @@ def test_ctrl_c_pause_then_resume_equals_an_uninterrupted_run(tiny_llama_dir, tm
 
 
 def test_sft_on_the_lab_gpt_with_mhc(tiny_lab_gpt_dir, tmp_path):
-    model_dir = tiny_lab_gpt_dir
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    argv = sft_argv(model_dir, data, tmp_path / "runs", "gpt", "--trainer.max_steps", "10")
+    argv = sft_argv(tiny_lab_gpt_dir, data, tmp_path / "runs", "gpt", "--trainer.max_steps", "10")
     assert lab_main(argv) == 0
     run_dir = tmp_path / "runs" / "sft" / "gpt"
     losses = train_losses(run_dir)

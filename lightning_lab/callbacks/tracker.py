@@ -18,7 +18,7 @@ and also works from a plain loop::
             ...
             tracker.update(i + 1)
 
-``lab status`` and ``lab artifacts`` (``status_main`` / ``artifacts_main`` below) read these
+``lab status`` and ``lab artifacts`` (callbacks/status.py, which imports no Lightning) read these
 files for every run under a root directory.
 """
 
@@ -247,6 +247,3 @@ class RunTracker(Callback):
 
     def _write_artifacts(self) -> None:
         write_json_atomic(self.tracker_dir / "artifacts.json", check_artifacts(self.run_dir, self.required_artifacts))
-
-
-# ---- `lab status` / `lab artifacts` -------------------------------------------------------

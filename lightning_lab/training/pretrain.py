@@ -162,6 +162,7 @@ class PretrainModule(L.LightningModule):
             step, self.hparams.warmup_steps, max_steps, self.hparams.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+
 def main(argv: list[str]) -> int:
     run_stage_cli(PretrainModule, PackedDataModule, "pretrain", argv)
     return 0

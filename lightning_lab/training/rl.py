@@ -224,8 +224,8 @@ class RLModule(LoraModule):
 
     def sample(self, samples: list[Sample], n: int, greedy: bool, seed: int):
         """n completions per sample from the current policy (adapter on), via the lab sampler."""
-        policy = LoadedModel(self.model.get_base_model(), self.tokenizer, self.hparams.model, self.device,
-                             next(self.model.parameters()).dtype)  # peft injected the LoRA layers into the base
+        policy = LoadedModel(self.model, self.tokenizer, self.hparams.model, self.device,
+                             next(self.model.parameters()).dtype)  # the sampler decodes through the peft base
         generation = Sampler(policy).generate(  # Sampler puts the model in eval mode; training_step undoes it
             [sample.prompt for sample in samples], n=n, max_new_tokens=self.hparams.max_new_tokens,
             temperature=self.hparams.temperature, top_p=self.hparams.top_p, greedy=greedy, seed=seed,
