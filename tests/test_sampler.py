@@ -262,17 +262,18 @@ def test_same_seed_same_samples_different_seed_different(sampler):
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 0.9), (1.0, 20, 0.8), (1.3, 50, 1.0), (1.0, 0, 0.5)])
-@pytest.mark.parametrize("spread", [0.05, 4.0])  # flat logits: top-p needs the full sort; peaked: the shortcut
-def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, top_p, spread):
+# per-row spread of the logits: flat rows need the full sort for top-p, peaked ones take the shortcut, a mix pads
+@pytest.mark.parametrize("spreads", [(0.05, 0.05, 0.05), (4.0, 4.0, 4.0), (4.0, 0.05, 4.0)])
+def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, top_p, spreads):
     torch.manual_seed(0)
-    logits = torch.randn(3, 2000) * spread
+    logits = torch.randn(3, 2000) * torch.tensor(spreads)[:, None]
     reference = TemperatureLogitsWarper(temperature)(None, logits.clone())
     if top_k:
         reference = TopKLogitsWarper(top_k)(None, reference)
     if top_p < 1:
         reference = TopPLogitsWarper(top_p)(None, reference)
     weights, indices = sampling_weights(logits, SamplingParams(temperature, top_p, top_k))
-    ours = torch.zeros_like(logits).scatter(-1, indices, weights / weights.sum(-1, keepdim=True))
+    ours = torch.zeros_like(logits).scatter_add(-1, indices, weights / weights.sum(-1, keepdim=True))  # padding: weight 0
     assert torch.allclose(ours, reference.softmax(-1), atol=1e-5)
 
 

@@ -20,8 +20,8 @@ Batch decoding (`generate`)
   quarter of the rows in the batch have finished.
 - Sampling runs on the device, batched: temperature, then top-k, then top-p (the order of
   ``transformers.generate``), then a multinomial draw. Top-p is exact but avoids sorting the whole
-  vocabulary: it looks at the top `TOP_P_CANDIDATES` tokens and sorts everything only on the rare steps
-  where those hold less than ``top_p`` of the mass. ``greedy=True`` (or ``temperature=0``) takes the argmax.
+  vocabulary: it looks at the top `TOP_P_CANDIDATES` tokens, and sorts the whole vocabulary only for the rows
+  whose candidates hold less than ``top_p`` of the mass. ``greedy=True`` (or ``temperature=0``) takes the argmax.
 - Finish reasons: ``eos`` (an end-of-sequence token of the tokenizer or generation config was produced;
   it is the last of ``token_ids`` and left out of ``text``), ``stop`` (a stop string appeared: ``text``
   ends just before it, ``token_ids`` end with the token that completed it, ``stop`` names it; stop strings
@@ -498,7 +498,9 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
 
 
 def sampling_weights(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Unnormalised sampling weights (rows, candidates) and the candidates' token ids (None: the whole vocabulary)."""
+    """Unnormalised sampling weights (rows, candidates) and the candidates' token ids (None: the whole vocabulary).
+
+    Rows may carry zero-weight padding at the end (a row that needed fewer candidates than another)."""
     if not params.top_k and params.top_p >= 1:
         return (logits / params.temperature).softmax(dim=-1), None
     candidates = min(params.top_k or TOP_P_CANDIDATES, logits.shape[-1])
@@ -508,10 +510,12 @@ def sampling_weights(logits: torch.Tensor, params: SamplingParams) -> tuple[torc
         probs = values.softmax(dim=-1)
     else:  # probabilities under the full vocabulary, so the candidates' mass is known
         scaled = logits / params.temperature
-        probs = (values - scaled.logsumexp(dim=-1, keepdim=True)).exp()
-        if params.top_p < 1 and bool((probs.sum(dim=-1) < params.top_p).any()):
-            values, indices = scaled.sort(dim=-1, descending=True)
-            probs = values.softmax(dim=-1)
+        log_total = scaled.logsumexp(dim=-1, keepdim=True)
+        probs = (values - log_total).exp()
+        if params.top_p < 1:
+            short = (probs.sum(dim=-1) < params.top_p).nonzero().squeeze(-1)
+            if len(short):
+                probs, indices = _widen_short_rows(scaled, log_total, probs, indices, short, params.top_p)
     if params.top_p < 1:
         # keep a token while the mass strictly before it is below top_p (so the best one always stays)
         mass_before = probs.cumsum(dim=-1) - probs
@@ -519,13 +523,40 @@ def sampling_weights(logits: torch.Tensor, params: SamplingParams) -> tuple[torc
     return probs, indices
 
 
-def token_signals(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """(rows, 3): log p(token), entropy (nats), p(top-1) - p(top-2) under softmax(logits) at temperature 1."""
-    log_probs = torch.log_softmax(logits, dim=-1)
-    chosen = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-    top2 = log_probs.topk(2, dim=-1).values.exp()
-    return torch.stack([chosen, entropy, top2[:, 0] - top2[:, 1]], dim=-1)
+def _widen_short_rows(scaled: torch.Tensor, log_total: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor,
+                      short: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates for the rows whose top `TOP_P_CANDIDATES` hold less than `top_p`: only those rows are sorted in
+    full (sorting all 64 rows of a SmolLM2 batch and drawing from the whole vocabulary took ~180 ms, more than
+    the decode step itself), and every row is cut to the widest nucleus among them; the others are padded with
+    zero weights."""
+    sorted_values, sorted_indices = scaled[short].sort(dim=-1, descending=True)
+    sorted_probs = (sorted_values - log_total[short]).exp()
+    nucleus = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p).sum(dim=-1)
+    width = max(int(nucleus.max()), probs.shape[-1])
+    wide_probs = probs.new_zeros(len(probs), width)
+    wide_indices = indices.new_zeros(len(indices), width)
+    wide_probs[:, :probs.shape[-1]] = probs
+    wide_indices[:, :indices.shape[-1]] = indices
+    wide_probs[short] = sorted_probs[:, :width]
+    wide_indices[short] = sorted_indices[:, :width]
+    return wide_probs, wide_indices
+
+
+def token_signals(logits: torch.Tensor, tokens: torch.Tensor, entropy: bool = True, margin: bool = True) -> torch.Tensor:
+    """(rows, 3): log p(token), entropy (nats), p(top-1) - p(top-2) under softmax(logits) at temperature 1.
+
+    A signal not asked for is NaN (each costs a pass over the vocabulary)."""
+    log_total = logits.logsumexp(dim=-1)
+    chosen = logits.gather(-1, tokens[:, None]).squeeze(-1) - log_total
+    missing = torch.full_like(chosen, float("nan"))
+    spread = missing
+    if entropy:  # H = log Z - sum p * logit
+        spread = log_total - ((logits - log_total[:, None]).exp() * logits).sum(dim=-1)
+    gap = missing
+    if margin:
+        top2 = (logits.topk(2, dim=-1).values - log_total[:, None]).exp()
+        gap = top2[:, 0] - top2[:, 1]
+    return torch.stack([chosen, spread, gap], dim=-1)
 
 
 def find_stop(text: str, stop: Sequence[str]) -> tuple[int, str] | None:
@@ -615,7 +646,8 @@ class Sampler:
         params = SamplingParams(temperature, top_p, top_k, greedy)
         stop = [s for s in (stop or []) if s]
         batch_size = batch_size or max(1, ROWS_PER_BATCH // n)
-        signals = logprobs or entropy or margin
+        # which per-token signals to compute (None: none); log p comes with any of them
+        signals = {"entropy": entropy, "margin": margin} if logprobs or entropy or margin else None
         capture = (AttentionCapture(capture_heads, self.num_layers, self.num_heads, capture_rows)
                    if capture_heads else None)
         generator = torch.Generator(device=self.device)
@@ -654,7 +686,7 @@ class Sampler:
         return Generation(results, total, capture.heads if capture else None)
 
     def _generate_batch(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, params: SamplingParams,
-                        stop: list[str], ignore_eos: bool, signals: bool, capture: AttentionCapture | None,
+                        stop: list[str], ignore_eos: bool, signals: dict | None, capture: AttentionCapture | None,
                         generator: torch.Generator) -> list[tuple[list[Completion], Timing]]:
         started = time.perf_counter()
         prompt_len = max(len(ids) for ids in prompt_ids)
@@ -697,7 +729,7 @@ class Sampler:
         for _ in range(max_new_tokens):
             tokens = choose_tokens(logits, params, generator)
             if signals:
-                for row, values in zip(rows, token_signals(logits, tokens).tolist()):
+                for row, values in zip(rows, token_signals(logits, tokens, **signals).tolist()):
                     signals_of[row].append(values)
             for row, token in zip(rows, tokens.tolist()):
                 if finish[row] is not None:
