@@ -14,6 +14,8 @@ ignored: `min_new_tokens` for generate, `ignore_eos=True` for the sampler). Each
 ``--levers`` adds the sampler without its prepacked linear weights (`PackedLinears`) against the same
 baselines. The machine's load (`uptime`) is printed before and after: other processes on a small CPU
 make every number here noisy (with 2 threads, an oversubscribed CPU slows OpenMP code by up to 10x).
+Run it without ``OMP_WAIT_POLICY=PASSIVE`` (what `make test` sets): sleeping OpenMP threads add a
+wake-up to every small operation, and the ratios would describe that setting, not the sampler.
 """
 
 from __future__ import annotations
@@ -156,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     question = json.loads(args.gsm8k.open(encoding="utf-8").readline())["question"]
 
+    wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     print(f"before: {load_average()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+          f"OMP_WAIT_POLICY {wait_policy}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if wait_policy.upper() == "PASSIVE":
+        print("warning: OMP_WAIT_POLICY=PASSIVE wakes sleeping threads at every parallel region, which costs the "
+              "sampler more than generate (a 64-row bf16 decode step took 1.5x as long); the lab's commands run unset")
     print(f"model {args.model}, {args.new_tokens} new tokens forced, n={args.n}, temperature={args.temperature} "
           f"top_p={args.top_p} top_k={args.top_k}, median of {args.reps}", flush=True)
     rows = []

@@ -96,6 +96,18 @@ def test_answer_field_picks_the_reference(tmp_path):
     assert [(s.id, s.reference) for s in bon.load_prompts(config)] == [("a", "2")]
 
 
+def test_shards_partition_the_prompts_of_a_run():
+    config = {"prompts_file": str(REPO / "data/prompts/arithmetic.jsonl"), "limit": 10}
+    everything = [sample.id for sample in bon.load_prompts(bon.config_from_dict(config))]
+    shards = [[sample.id for sample in bon.load_prompts(bon.config_from_dict({**config, "shard": f"{i}/3"}))]
+              for i in (1, 2, 3)]
+    assert sorted(sum(shards, [])) == sorted(everything) and len(everything) == 10
+    assert shards[0] == everything[0::3]
+    for bad in ("0/2", "3/2", "2", "a/b"):
+        with pytest.raises(DataError, match=f"shard must .* got {bad!r}"):
+            bon.config_from_dict({**config, "shard": bad})
+
+
 def test_shipped_prompt_set_is_well_formed():
     config = bon.load_config(REPO / "configs/bon/collector_base.json")
     samples = bon.load_prompts(config)
@@ -187,13 +199,25 @@ def test_analyze_and_predict_on_synthetic_runs(tmp_path):
     assert report["num_prompts"] == 80 and 0 < report["num_emergent"] < 80
     assert report["cross_validation"]["roc_auc"] is not None
     assert Path(report["calibration_plot"]).is_file()
-    assert [run["budget"] for run in report["beta_binomial"]] == [4, 4]
+    assert [(fit["adapter"], fit["budget"], fit["num_prompts"]) for fit in report["beta_binomial"]] == [
+        ("base", 4, 40), ("sft", 4, 40)]
     assert report["model"]["feature_names"][-2:] == ["decode_s_per_token", "queue_wait_s"]
 
     model = load_predictor(tmp_path / "predictor.json")
     dataset = build_dataset(bon.read_runs([tmp_path]), config)
     refit = EmergencePredictor.fit(dataset.features, dataset.labels, dataset.feature_names)
     assert np.array_equal(model.predict_proba(dataset.features), refit.predict_proba(dataset.features))
+
+
+def test_the_shards_of_one_collection_pool_into_one_dataset(tmp_path):
+    probabilities = np.random.default_rng(0).beta(0.5, 2.0, size=30)
+    write_synthetic_run(tmp_path / "base_1of2.jsonl", probabilities[:15], n=16, seed=1)
+    write_synthetic_run(tmp_path / "base_2of2.jsonl", probabilities[15:], n=16, seed=2)
+    write_synthetic_run(tmp_path / "sft.jsonl", probabilities, n=16, seed=3, adapter="sft")
+    pooled = bon.records_by_adapter(bon.read_runs([tmp_path]))
+    assert list(pooled) == ["base", "sft"] and [len(records) for records in pooled.values()] == [30, 30]
+    summary = bon.analyze([tmp_path], tmp_path / "summary.json", resamples=50)
+    assert summary["adapters"]["base"]["runs"] == 2 and summary["adapters"]["base"]["num_prompts"] == 30
 
 
 def test_cli_reports_errors_with_the_file(tmp_path, capsys):

@@ -95,6 +95,7 @@ class CollectConfig:
     limit: int | None = None  # keep this many prompts (a seeded subset, see load_benchmark)
     split: str = "all"  # all | dev | test (| train for gsm8k)
     batch_size: int = 1  # prompts per sampler call; each call decodes batch_size * samples_per_prompt sequences
+    shard: str | None = None  # "i/n": only prompts i, i+n, i+2n, ... (1-based), to split one collection over processes
 
 
 def validate_config(config: CollectConfig, source: str = "config") -> CollectConfig:
@@ -122,6 +123,8 @@ def validate_config(config: CollectConfig, source: str = "config") -> CollectCon
     for name in ("samples_per_prompt", "max_new_tokens", "batch_size"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             fail(f"{name} must be a positive integer; got {getattr(config, name)!r}")
+    if config.shard is not None:
+        parse_shard(config.shard, source)
     if config.adapter_name and not config.adapter_path:
         fail(f"adapter_name {config.adapter_name!r} is set but adapter_path is not")
     if config.adapter_path and not config.adapter_name:
@@ -131,6 +134,14 @@ def validate_config(config: CollectConfig, source: str = "config") -> CollectCon
             else adapter.name
     config.k_values = sorted(set(config.k_values))
     return config
+
+
+def parse_shard(shard, source: str = "config") -> tuple[int, int]:
+    """(index, count) of a "i/n" shard, 1 <= i <= n."""
+    index, _, count = str(shard).partition("/")
+    if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise DataError(f"{source}: shard must look like \"i/n\" with 1 <= i <= n (e.g. \"2/3\"); got {shard!r}")
+    return int(index), int(count)
 
 
 def config_from_dict(values: dict, source: str = "config") -> CollectConfig:
@@ -179,6 +190,9 @@ def load_prompts(config: CollectConfig) -> list[Sample]:
                 raise DataError(f"{path}:{line_number}: answer_field {config.answer_field!r} is missing "
                                 f"(keys on this line: {', '.join(sorted(record))})")
     samples = load_benchmark(config.prompts_file, split=config.split, limit=config.limit, seed=config.seed)
+    if config.shard is not None:  # after `limit`, so the shards of a run partition the same prompts
+        index, count = parse_shard(config.shard)
+        samples = samples[index - 1::count]
     if check_field:
         for sample in samples:
             if config.answer_field in sample.metadata:
@@ -488,6 +502,19 @@ def adapter_label(header: dict) -> str:
     return header["adapter"]["name"] if header.get("adapter") else "base"
 
 
+def sorted_adapters(by_adapter: dict) -> list:
+    """(label, value) pairs, "base" first, then adapters by name."""
+    return sorted(by_adapter.items(), key=lambda item: (item[0] != "base", item[0]))
+
+
+def records_by_adapter(runs) -> dict[str, list[dict]]:
+    """adapter label -> the prompt records of all its runs."""
+    pooled: dict[str, list[dict]] = {}
+    for _, header, records, _ in runs:
+        pooled.setdefault(adapter_label(header), []).extend(records)
+    return dict(sorted_adapters(pooled))
+
+
 # ---- distill ------------------------------------------------------------------------------------
 
 
@@ -588,7 +615,7 @@ def analyze(run_paths: Sequence[str | Path], out: str | Path, plot: str | Path |
             }
         summary["runs"][name] = run_summary
         by_adapter.setdefault(adapter_label(header), []).append((ks, records))
-    for label, parts in sorted(by_adapter.items(), key=lambda item: (item[0] != "base", item[0])):
+    for label, parts in sorted_adapters(by_adapter):
         common_ks = sorted(set.intersection(*(set(ks) for ks, _ in parts)))
         records = [record for _, part in parts for record in part]
         summary["adapters"][label] = {"runs": len(parts), **summarize_prompts(records, common_ks, resamples, seed)}
@@ -634,8 +661,9 @@ def predict(run_paths: Sequence[str | Path], out: str | Path, config=None) -> di
         "model": model.to_json(),
         "cross_validation": {key: value for key, value in cv.items() if key != "out_of_fold_probability"},
         "calibration_plot": str(calibration_png),
-        "beta_binomial": [extrapolation_report(name, records, config.feature_samples, config.extrapolate_k)
-                          for name, _, records, _ in runs],
+        # per adapter (its runs pooled, e.g. the shards of one collection), as `analyze` pools them
+        "beta_binomial": [extrapolation_report(label, records, config.feature_samples, config.extrapolate_k)
+                          for label, records in records_by_adapter(runs).items()],
     }
     write_json_atomic(out, report)
     return report
@@ -711,11 +739,11 @@ def main(argv: list[str]) -> int:
             auc = "n/a" if cv["roc_auc"] is None else f"{cv['roc_auc']:.3f}"
             print(f"{report['num_emergent']}/{report['num_prompts']} prompts emergent; out-of-fold ROC-AUC={auc}, "
                   f"Brier={cv['brier']:.4f} (base rate {cv['brier_base_rate']:.4f})")
-            for run in report["beta_binomial"]:
-                errors = [run["max_abs_error_beta_binomial"], run["max_abs_error_plug_in"]]
+            for fit in report["beta_binomial"]:
+                errors = [fit["max_abs_error_beta_binomial"], fit["max_abs_error_plug_in"]]
                 errors = ["n/a" if e is None else f"{e:.3f}" for e in errors]
-                print(f"{run['run']}: beta-binomial alpha={run['fit']['alpha']:.3g} beta={run['fit']['beta']:.3g}; "
-                      f"max |pass@k error| for k > {run['budget']}: {errors[0]} (plug-in {errors[1]})")
+                print(f"{fit['adapter']}: beta-binomial alpha={fit['fit']['alpha']:.3g} beta={fit['fit']['beta']:.3g}; "
+                      f"max |pass@k error| for k > {fit['budget']}: {errors[0]} (plug-in {errors[1]})")
             print(f"wrote {args.out}")
     except (DataError, ValueError) as error:
         parser.exit(2, f"lab bon {args.command}: error: {error}\n")

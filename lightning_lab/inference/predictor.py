@@ -314,15 +314,16 @@ def fit_beta_binomial(successes: Sequence[int], trials: Sequence[int]) -> BetaBi
                            int(successes.size), bool(result.success))
 
 
-def extrapolation_report(name: str, records: Sequence[dict], budget: int, extrapolate_k: Sequence[int]) -> dict:
-    """Fit on the first `budget` samples per prompt, predict pass@k, compare with the measured curve.
+def extrapolation_report(label: str, records: Sequence[dict], budget: int, extrapolate_k: Sequence[int]) -> dict:
+    """Fit on the first `budget` samples per prompt of one dataset (`label`: e.g. an adapter's pooled runs),
+    predict pass@k, compare with the measured curve.
 
     The measured curve uses all n samples (k <= n); extrapolated ks beyond n are reported
     without an error.
     """
     n_min = min(record["n"] for record in records)
     if budget > n_min:
-        raise ValueError(f"{name}: beta-binomial budget {budget} exceeds the {n_min} samples of some prompt")
+        raise ValueError(f"{label}: beta-binomial budget {budget} exceeds the {n_min} samples of some prompt")
     budget_successes = [sum(is_correct(s["score"]) for s in record["samples"][:budget]) for record in records]
     fit = fit_beta_binomial(budget_successes, [budget] * len(records))
     counts = [(record["n"], record["num_correct"]) for record in records]
@@ -338,7 +339,7 @@ def extrapolation_report(name: str, records: Sequence[dict], budget: int, extrap
                      "plug_in_error": None if measured is None else plug_in - measured})
     measured_rows = [row for row in rows if row["measured"] is not None and row["k"] > budget]
     return {
-        "run": name,
+        "adapter": label,
         "budget": budget,
         "num_prompts": len(records),
         "fit": asdict(fit),
