@@ -190,6 +190,12 @@ def test_analyze_and_predict_on_synthetic_runs(tmp_path):
     assert all(lo <= m <= hi for lo, m, hi in zip(base["lower"], base["pass_at_k"], base["upper"]))
     assert np.all(np.diff(base["pass_at_k"]) >= 0)
     assert summary["adapters"]["sft"]["pass_at_k"][0] > base["pass_at_k"][0]
+    difference = summary["adapters"]["sft"]["minus_base"]  # paired over the 40 shared prompts
+    assert difference["num_prompts"] == 40 and difference["k"] == base["k"]
+    assert np.allclose(difference["difference"],
+                       np.array(summary["adapters"]["sft"]["pass_at_k"]) - np.array(base["pass_at_k"]))
+    assert all(lo <= d <= hi for lo, d, hi in zip(difference["lower"], difference["difference"], difference["upper"]))
+    assert difference["lower"][0] > 0  # doubled success probabilities: a clear paired gain at k=1
     assert Path(summary["plot"]).stat().st_size > 1000
     assert summary["runs"]["base"]["telemetry"]["batches"] == 40
     assert json.loads((tmp_path / "summary.json").read_text())["runs"]["base"]["num_prompts"] == 40

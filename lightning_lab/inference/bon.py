@@ -564,6 +564,21 @@ def bootstrap_mean_ci(values: np.ndarray, resamples: int = 1000, confidence: flo
     return values.mean(axis=0), np.quantile(means, tail, axis=0), np.quantile(means, 1 - tail, axis=0)
 
 
+def paired_difference(records: Sequence[dict], base_records: Sequence[dict], ks: Sequence[int], resamples: int,
+                      seed: int) -> dict | None:
+    """Mean of pass@k(adapter) - pass@k(base) over the prompts both have, with a paired bootstrap interval
+    (the same prompts resampled on both sides: far narrower than comparing two separate intervals)."""
+    base_by_id = {record["id"]: record for record in base_records}
+    shared = [record for record in records if record["id"] in base_by_id]
+    if not shared or not ks:
+        return None
+    differences = np.array([[record["pass_at_k"][str(k)] - base_by_id[record["id"]]["pass_at_k"][str(k)]
+                             for k in ks] for record in shared])
+    mean, lower, upper = bootstrap_mean_ci(differences, resamples=resamples, seed=seed)
+    return {"num_prompts": len(shared), "k": list(ks), "difference": mean.tolist(), "lower": lower.tolist(),
+            "upper": upper.tolist()}
+
+
 def summarize_prompts(records: Sequence[dict], ks: Sequence[int], resamples: int, seed: int) -> dict:
     """Mean pass@k curve with bootstrap CIs over prompts, diversity, and cost per solved prompt (all
     generated tokens and seconds, solved or not, divided by the prompts solved by at least one sample)."""
@@ -615,10 +630,19 @@ def analyze(run_paths: Sequence[str | Path], out: str | Path, plot: str | Path |
             }
         summary["runs"][name] = run_summary
         by_adapter.setdefault(adapter_label(header), []).append((ks, records))
+    pooled = {}  # label -> (k values all its runs share, its records)
     for label, parts in sorted_adapters(by_adapter):
         common_ks = sorted(set.intersection(*(set(ks) for ks, _ in parts)))
-        records = [record for _, part in parts for record in part]
-        summary["adapters"][label] = {"runs": len(parts), **summarize_prompts(records, common_ks, resamples, seed)}
+        pooled[label] = (common_ks, [record for _, part in parts for record in part])
+        summary["adapters"][label] = {"runs": len(parts), **summarize_prompts(pooled[label][1], common_ks, resamples,
+                                                                             seed)}
+    if "base" in pooled:
+        for label, (ks, records) in pooled.items():
+            if label != "base":
+                base_ks, base_records = pooled["base"]
+                ks = [k for k in ks if k in base_ks]
+                summary["adapters"][label]["minus_base"] = paired_difference(records, base_records, ks, resamples,
+                                                                             seed)
     plot = Path(plot) if plot is not None else Path(out).with_suffix(".png")
     curves = {label: {"x": s["k"], "y": s["pass_at_k"], "lower": s["lower"], "upper": s["upper"]}
               for label, s in summary["adapters"].items()}
@@ -729,6 +753,11 @@ def main(argv: list[str]) -> int:
             for label, s in summary["adapters"].items():
                 curve = ", ".join(f"pass@{k}={v:.3f}" for k, v in zip(s["k"], s["pass_at_k"]))
                 print(f"{label}: {s['num_prompts']} prompts, {curve}")
+                if s.get("minus_base"):
+                    d = s["minus_base"]
+                    curve = ", ".join(f"pass@{k} {v:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                                      for k, v, lo, hi in zip(d["k"], d["difference"], d["lower"], d["upper"]))
+                    print(f"  {label} - base on {d['num_prompts']} shared prompts: {curve}")
             print(f"wrote {args.out} and {summary['plot']}")
         else:
             config = PredictConfig(threshold=args.threshold, k_max=args.k_max, feature_samples=args.feature_samples,
