@@ -34,7 +34,9 @@ def test_prompt_gain_is_pass_at_kmax_minus_pass_at_1():
 def test_dataset_emergence_peaks_where_the_gain_per_doubling_is_largest():
     result = dataset_emergence([1, 2, 4, 8, 16], [0.05, 0.07, 0.10, 0.40, 0.45])
     assert result["emergence_k"] == 8
-    assert result["peak_gain"] == pytest.approx(0.30)
+    assert result["peak_gain"] == pytest.approx(0.30) and not result["peak_at_largest_k"]
+    still_accelerating = dataset_emergence([1, 2, 4, 8], [0.01, 0.02, 0.04, 0.09])
+    assert still_accelerating["emergence_k"] == 8 and still_accelerating["peak_at_largest_k"]
     with pytest.raises(ValueError, match="1, 2, 4"):
         dataset_emergence([1, 3, 9], [0.1, 0.2, 0.3])
 

@@ -107,7 +107,9 @@ def dataset_emergence(ks: Sequence[int], curve: Sequence[float]) -> dict:
     gains = {k: curve[i] - curve[i - 1] for i, k in enumerate(ks) if i > 0}
     emergence_k = max(gains, key=gains.get) if gains else None
     return {"k": ks, "pass_at_k": curve, "gain_per_doubling": {str(k): g for k, g in gains.items()},
-            "emergence_k": emergence_k, "peak_gain": gains[emergence_k] if gains else None}
+            "emergence_k": emergence_k, "peak_gain": gains[emergence_k] if gains else None,
+            # the gain is largest at the largest k measured: the curve may keep accelerating beyond it
+            "peak_at_largest_k": bool(gains) and emergence_k == ks[-1]}
 
 
 # ---- features -----------------------------------------------------------------------------------
