@@ -502,17 +502,12 @@ def adapter_label(header: dict) -> str:
     return header["adapter"]["name"] if header.get("adapter") else "base"
 
 
-def sorted_adapters(by_adapter: dict) -> list:
-    """(label, value) pairs, "base" first, then adapters by name."""
-    return sorted(by_adapter.items(), key=lambda item: (item[0] != "base", item[0]))
-
-
 def records_by_adapter(runs) -> dict[str, list[dict]]:
-    """adapter label -> the prompt records of all its runs."""
+    """adapter label -> the prompt records of all its runs; "base" first, then adapters by name."""
     pooled: dict[str, list[dict]] = {}
     for _, header, records, _ in runs:
         pooled.setdefault(adapter_label(header), []).extend(records)
-    return dict(sorted_adapters(pooled))
+    return dict(sorted(pooled.items(), key=lambda item: (item[0] != "base", item[0])))
 
 
 # ---- distill ------------------------------------------------------------------------------------
@@ -614,7 +609,7 @@ def analyze(run_paths: Sequence[str | Path], out: str | Path, plot: str | Path |
 
     runs = read_runs(run_paths)
     summary = {"bootstrap": {"resamples": resamples, "confidence": 0.95, "seed": seed}, "runs": {}, "adapters": {}}
-    by_adapter: dict[str, list] = {}
+    ks_by_adapter: dict[str, list[set]] = {}  # label -> the k values of each of its runs
     for name, header, records, telemetry in runs:
         ks = header["config"]["k_values"]
         run_summary = {"adapter": adapter_label(header), "model": header["model"], "scorer": header["config"]["scorer"],
@@ -629,20 +624,16 @@ def analyze(run_paths: Sequence[str | Path], out: str | Path, plot: str | Path |
                                        / max(sum(row["new_tokens"] for row in batches), 1)),
             }
         summary["runs"][name] = run_summary
-        by_adapter.setdefault(adapter_label(header), []).append((ks, records))
-    pooled = {}  # label -> (k values all its runs share, its records)
-    for label, parts in sorted_adapters(by_adapter):
-        common_ks = sorted(set.intersection(*(set(ks) for ks, _ in parts)))
-        pooled[label] = (common_ks, [record for _, part in parts for record in part])
-        summary["adapters"][label] = {"runs": len(parts), **summarize_prompts(pooled[label][1], common_ks, resamples,
-                                                                             seed)}
-    if "base" in pooled:
-        for label, (ks, records) in pooled.items():
-            if label != "base":
-                base_ks, base_records = pooled["base"]
-                ks = [k for k in ks if k in base_ks]
-                summary["adapters"][label]["minus_base"] = paired_difference(records, base_records, ks, resamples,
-                                                                             seed)
+        ks_by_adapter.setdefault(adapter_label(header), []).append(set(ks))
+    pooled = records_by_adapter(runs)
+    common_ks = {label: sorted(set.intersection(*ks_of_runs)) for label, ks_of_runs in ks_by_adapter.items()}
+    for label, records in pooled.items():
+        summary["adapters"][label] = {"runs": len(ks_by_adapter[label]),
+                                      **summarize_prompts(records, common_ks[label], resamples, seed)}
+        if label != "base" and "base" in pooled:
+            shared_ks = [k for k in common_ks[label] if k in common_ks["base"]]
+            summary["adapters"][label]["minus_base"] = paired_difference(records, pooled["base"], shared_ks,
+                                                                         resamples, seed)
     plot = Path(plot) if plot is not None else Path(out).with_suffix(".png")
     curves = {label: {"x": s["k"], "y": s["pass_at_k"], "lower": s["lower"], "upper": s["upper"]}
               for label, s in summary["adapters"].items()}
