@@ -11,9 +11,11 @@ ignored: `min_new_tokens` for generate, `ignore_eos=True` for the sampler). Each
   (and llama.cpp on the same GGUF beside it when llama-cpp-python is installed);
 - capture:       greedy with `--heads` (30) captured heads takes <= 1.15x the time of the same decode without.
 
-``--levers`` adds the sampler without its prepacked linear weights (`PackedLinears`) against the same
-baselines. The machine's load (`uptime`) is printed before and after: other processes on a small CPU
-make every number here noisy (with 2 threads, an oversubscribed CPU slows OpenMP code by up to 10x).
+The repetitions of the two sides of a ratio alternate (baseline, sampler, baseline, ...): this VM's speed
+drifts by tens of percent within minutes, and timing one side after the other would fold that drift
+into the ratio. ``--levers`` adds the sampler without its prepacked linear weights and the sampler on
+transformers' forward instead of the written-out Llama forward (`LlamaDecoder`). The machine's load
+(`uptime`) is printed before and after: other processes on a small CPU make every number here noisy (with 2 threads, an oversubscribed CPU slows OpenMP code by up to 10x).
 Run it without ``OMP_WAIT_POLICY=PASSIVE`` (what `make test` sets): sleeping OpenMP threads add a
 wake-up to every small operation, and the ratios would describe that setting, not the sampler.
 """
@@ -37,15 +39,19 @@ def load_average() -> str:
     return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} CPUs"
 
 
-def median_seconds(run, steps: int, reps: int) -> float:
-    """Median wall time of ``run(steps)`` after a short warm-up run (kernel choice, weight packing, allocator)."""
-    run(min(steps, 8))
-    times = []
+def paired_median_seconds(runs: list, steps: int, reps: int) -> list[float]:
+    """Median wall time of each of ``runs`` (called with ``steps``), their repetitions interleaved (A B A B ...)
+    so that a machine whose speed drifts during the bench slows both sides alike. Each run first does a short
+    (8-step) warm-up: kernel choice, weight packing, allocator."""
+    for run in runs:
+        run(min(steps, 8))
+    times = [[] for _ in runs]
     for _ in range(reps):
-        started = time.perf_counter()
-        run(steps)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for run, samples in zip(runs, times):
+            started = time.perf_counter()
+            run(steps)
+            samples.append(time.perf_counter() - started)
+    return [statistics.median(samples) for samples in times]
 
 
 def llama_cpp_tokens_per_s(gguf: Path, prompt: str, new_tokens: int, reps: int) -> float | None:
@@ -66,7 +72,7 @@ def llama_cpp_tokens_per_s(gguf: Path, prompt: str, new_tokens: int, reps: int) 
             if count == steps:
                 break
 
-    return new_tokens / median_seconds(run, new_tokens, reps)
+    return new_tokens / paired_median_seconds([run], new_tokens, reps)[0]
 
 
 def bench_dtype(args, dtype: str, question: str) -> list[dict]:
@@ -103,21 +109,26 @@ def bench_dtype(args, dtype: str, question: str) -> list[dict]:
                          ratio=ratio, target=f"{'<=' if lower_is_better else '>='} {target}x", ok=ok))
         print(f"  {dtype} {case}: baseline {base_s:.2f} s, sampler {ours_s:.2f} s", flush=True)
 
-    def timed(run):
-        return median_seconds(run, steps, args.reps)
+    def timed(*runs):
+        return paired_median_seconds(list(runs), steps, args.reps)
 
+    # the sampler, and with --levers the sampler with one lever taken away: prepacked weights, or the
+    # written-out Llama forward (transformers' forward instead)
+    variants = {"": sampler}
+    if args.levers:
+        variants[" unpacked"] = Sampler(loaded, pack_weights=False)
+        variants[" transformers fwd"] = Sampler(loaded, llama_decoder=False)
     with torch.inference_mode():
-        generate_sampling_s, generate_greedy_s = timed(generate_sampling), timed(generate_greedy)
-        row(f"n={args.n} sampling", args.n * steps, generate_sampling_s, timed(sampler_sampling), 4.0)
-        greedy_s = timed(sampler_greedy)
-        row("n=1 greedy", steps, generate_greedy_s, greedy_s, 2.0)
-        row(f"greedy + {len(heads)} heads", steps, greedy_s,
-            timed(lambda k: sampler_greedy(k, capture=heads)), 1.15, lower_is_better=True)
-        if args.levers:  # what the prepacked weights bring: the sampler without them, against generate
-            unpacked = Sampler(loaded, pack_weights=False)
-            row(f"n={args.n} unpacked", args.n * steps, generate_sampling_s,
-                timed(lambda k: sampler_sampling(k, unpacked)), 4.0)
-            row("n=1 greedy unpacked", steps, generate_greedy_s, timed(lambda k: sampler_greedy(k, unpacked)), 2.0)
+        base_s, *ours_s = timed(generate_sampling, *[lambda k, chosen=chosen: sampler_sampling(k, chosen)
+                                                     for chosen in variants.values()])
+        for name, seconds in zip(variants, ours_s):
+            row(f"n={args.n} sampling{name}", args.n * steps, base_s, seconds, 4.0)
+        base_s, *ours_s = timed(generate_greedy, *[lambda k, chosen=chosen: sampler_greedy(k, chosen)
+                                                   for chosen in variants.values()])
+        for name, seconds in zip(variants, ours_s):
+            row(f"n=1 greedy{name}", steps, base_s, seconds, 2.0)
+        row(f"greedy + {len(heads)} heads", steps, *timed(sampler_greedy, lambda k: sampler_greedy(k, capture=heads)),
+            1.15, lower_is_better=True)
     if args.llama_cpp and dtype == args.dtypes[0]:
         from lightning_lab.models.loading import ALIASES, alias_gguf_path
 
@@ -171,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_dtype(args, dtype, question)
     print(f"after: {load_average()}\n")
 
-    header = f"{'dtype':<6} {'case':<24} {'baseline tok/s':>15} {'sampler tok/s':>14} {'ratio':>7} {'target':>10}  result"
+    header = f"{'dtype':<6} {'case':<32} {'baseline tok/s':>15} {'sampler tok/s':>14} {'ratio':>7} {'target':>10}  result"
     print(header)
     print("-" * len(header))
     for row in rows:
         base = f"{row['baseline_tok_s']:.1f}" if row["baseline_tok_s"] is not None else "-"
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
         result = "" if row["ok"] is None else ("PASS" if row["ok"] else "MISS")
-        print(f"{row['dtype']:<6} {row['case']:<24} {base:>15} {row['sampler_tok_s']:>14.1f} {ratio:>7} "
+        print(f"{row['dtype']:<6} {row['case']:<32} {base:>15} {row['sampler_tok_s']:>14.1f} {ratio:>7} "
               f"{row['target']:>10}  {result}")
     print("baseline = transformers.generate, except in the capture row: the sampler without capture "
           "(ratio = time with / time without)")

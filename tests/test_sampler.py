@@ -31,9 +31,10 @@ def tiny(tiny_llama_dir) -> LoadedModel:
     return varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32"))
 
 
-@pytest.fixture(scope="module")
-def sampler(tiny) -> Sampler:
-    return Sampler(tiny)
+@pytest.fixture(scope="module", params=["llama_decoder", "transformers"])
+def sampler(tiny, request) -> Sampler:
+    """Both engines: the written-out Llama forward (the default for this model) and transformers' forward."""
+    return Sampler(tiny, llama_decoder=request.param == "llama_decoder")
 
 
 def full_pass(model, ids: list[int]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -109,22 +110,26 @@ def test_n_samples_share_one_prefill(tiny, sampler):
     assert out.timing.new_tokens == 40 and out.timing.prefill_s > 0 and out.timing.decode_s > 0
 
 
-def test_packed_weights_follow_in_place_updates_and_leave_the_model_alone(tiny_llama_dir):
+@pytest.mark.parametrize("llama_decoder", [True, False])
+def test_packed_weights_follow_in_place_updates_and_leave_the_model_alone(tiny_llama_dir, llama_decoder):
     # bf16: the tiny model's output layer is big enough to take the packed path, and bit-identical to F.linear
     loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="bf16"), seed=1)
-    sampler = Sampler(loaded, pack_weights=True)
+    sampler = Sampler(loaded, pack_weights=True, llama_decoder=llama_decoder)
     head = loaded.model.lm_head
 
     def greedy(chosen):
         return chosen.generate(PROMPTS[0], greedy=True, max_new_tokens=8, chat=False).prompts[0].completions[0].token_ids
 
     before = greedy(sampler)
-    assert head in sampler.packed.packed
+    if llama_decoder:
+        assert sampler.packed is None and sampler.decoder.head.packed
+    else:
+        assert sampler.decoder is None and head in sampler.packed.packed
     assert all("forward" not in module.__dict__ for module in loaded.model.modules())  # unpatched after the call
     with torch.no_grad():  # what an optimizer step does between two sampling calls
         head.weight.mul_(-1.0)
     after = greedy(sampler)
-    assert after == greedy(Sampler(loaded, pack_weights=False)) != before
+    assert after == greedy(Sampler(loaded, pack_weights=False, llama_decoder=llama_decoder)) != before
 
 
 def test_cache_repeat_and_select_keep_the_rows():
@@ -284,6 +289,46 @@ def test_invalid_arguments_name_the_argument(sampler):
         sampler.generate("x", capture_heads=[(7, 0)], chat=False)
 
 
+# ---- the written-out Llama forward ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_llama_decoder_equals_transformers_forward(tiny_llama_dir, dtype):
+    """Left-padded prefill, one-token steps, and several tokens appended to a cache: the same numbers on both
+    engines (bf16: bit for bit; fp32: to rounding, the packed products sum in another order)."""
+    loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype=dtype), seed=2)
+    ours, theirs = Sampler(loaded), Sampler(loaded, llama_decoder=False)
+    assert ours.decoder is not None and theirs.decoder is None
+
+    def same(a: list[float], b: list[float]):
+        assert a == b if dtype == "bf16" else a == pytest.approx(b, abs=1e-4)
+
+    batch = [sampler.generate(PROMPTS, greedy=True, max_new_tokens=10, chat=False, logprobs=True, entropy=True)
+             for sampler in (ours, theirs)]
+    for mine, reference in zip(*(generation.prompts for generation in batch)):
+        assert mine.completions[0].token_ids == reference.completions[0].token_ids
+        same(mine.completions[0].logprobs, reference.completions[0].logprobs)
+        same(mine.completions[0].entropies, reference.completions[0].entropies)
+    forced = []
+    for sampler in (ours, theirs):
+        state = sampler.start(PROMPTS[1], greedy=True, chat=False)
+        forced.append([sampler.step(state).logprob] + [o.logprob for o in sampler.append(state, [5, 17, 42])])
+    same(*forced)
+
+
+def test_models_the_decoder_cannot_run_fall_back_to_transformers(tiny):
+    from lightning_lab.inference.llama_decoder import unsupported_reason
+    from lightning_lab.models.gpt import LabGPTConfig, LabGPTForCausalLM
+
+    lab = LabGPTForCausalLM(LabGPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert "model_type" in unsupported_reason(lab)
+    lab_loaded = LoadedModel(lab.eval(), tiny.tokenizer, "lab-gpt", torch.device("cpu"), torch.float32)
+    assert Sampler(lab_loaded).decoder is None
+    with pytest.raises(ValueError, match="llama_decoder=True.*model_type"):
+        Sampler(lab_loaded, llama_decoder=True)
+
+
 # ---- the lab GPT ---------------------------------------------------------------------------------
 
 
@@ -320,6 +365,16 @@ def test_smollm2_greedy_equals_generate(gsm8k_path):
     assert [result.completions[0].token_ids for result in out.prompts] == hf_greedy(loaded, prompt_ids, 32)
 
 
+@pytest.mark.slow
+def test_smollm2_bf16_decoder_equals_transformers_forward(gsm8k_path):
+    loaded = load_causal_lm("smollm2-135m", device="cpu", dtype="bf16")
+    question = json.loads(gsm8k_path.open().readline())["question"]
+    outs = [Sampler(loaded, llama_decoder=flag).generate(question, greedy=True, max_new_tokens=24, logprobs=True)
+            for flag in (True, False)]
+    mine, reference = (out.prompts[0].completions[0] for out in outs)
+    assert mine.token_ids == reference.token_ids and mine.logprobs == reference.logprobs
+
+
 def test_a_peft_model_decodes_through_its_base_with_the_adapter_on(tiny_llama_dir):
     from lightning_lab.models.lora import LoraSettings, add_lora
 
@@ -332,6 +387,7 @@ def test_a_peft_model_decodes_through_its_base_with_the_adapter_on(tiny_llama_di
                 parameter.normal_(0.0, 0.5)
     sampler = Sampler(LoadedModel(peft_model, loaded.tokenizer, loaded.spec, loaded.device, loaded.dtype))
     assert sampler.model is peft_model.get_base_model() and sampler._has_logits_to_keep
+    assert sampler.decoder is None  # the LoRA layers are not plain nn.Linear: transformers' forward runs them
     adapted = sampler.generate(PROMPTS, greedy=True, max_new_tokens=10, chat=False, logprobs=True)
     with torch.no_grad():
         expected = [full_pass(peft_model, result.prompt_token_ids + result.completions[0].token_ids)[0]

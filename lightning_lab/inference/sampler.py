@@ -65,12 +65,20 @@ or library versions, or fp32 runs with ``pack_weights`` on versus off (the arith
 bits; bf16 packed products are bit-identical). Greedy decoding does not depend on the seed, only on the
 arithmetic; the step-wise API draws from its own generator, seeded in `start`.
 
+Engines: Llama-family models (SmolLM2 among them) run through `LlamaDecoder`, the same forward pass
+written out with fewer operations (``llama_decoder.py``; ``llama_decoder=False`` uses transformers'
+forward instead); every other model, and a model with adapter layers, through transformers' forward. In
+bf16 both give the same logits bit for bit.
+
 Speed (``bench/sampler.py`` measures it against ``transformers.generate``): shared prefill; the
-preallocated cache; a 4D decode mask that keeps SDPA on its fast grouped-query path (`Sampler._decode_mask`);
-oneDNN-prepacked linear weights on CPU (`PackedLinears`, ``pack_weights``); batched on-device sampling
-with the top-k shortcut for top-p; dropping finished rows; one host sync per step; attention capture
-batched over layers. ``torch.compile`` is not used: on the 2-core development CPU compiling the model took
-minutes and the compiled decode step was no faster than this one.
+preallocated cache; the written-out forward; a 4D decode mask that keeps SDPA on its fast grouped-query
+path (`Sampler._decode_mask`); oneDNN-prepacked linear weights on CPU (``packed.py``, ``pack_weights``);
+batched on-device sampling with the top-k shortcut for top-p; dropping finished rows; one host sync per
+step; attention capture batched over layers. Measured and not kept (2-core CPU): ``torch.compile`` (of
+the model: minutes to compile, no faster; of the small operations between the products: 33-45 us per
+compiled call against 11-53 us eager); attention that keeps a prompt's keys once for its n samples
+(scored with batched matrix products: slower than SDPA in bf16, equal in fp32); two threads of half the
+rows each (the same tokens/s as one batch).
 """
 
 from __future__ import annotations
@@ -80,7 +88,6 @@ import inspect
 import itertools
 import numbers
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -89,6 +96,10 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from lightning_lab.inference import packed
+from lightning_lab.inference.llama_decoder import LlamaDecoder, unsupported_reason
+from lightning_lab.inference.packed import PackedLinears
 
 TOP_P_CANDIDATES = 256  # top-p looks at this many best tokens first; sorts the whole vocabulary only if they fall short
 DROP_FINISHED_FRACTION = 0.25  # compact the batch once this fraction of its rows has finished
@@ -306,85 +317,6 @@ def new_cache(config, capacity: int) -> Cache:
     return DynamicCache(config=config)
 
 
-# ---- prepacked linear layers ------------------------------------------------------------------
-
-
-class PackedLinears:
-    """oneDNN-prepacked copies of a CPU model's `nn.Linear` weights, used while the sampler runs.
-
-    On CPU, `F.linear` hands bf16 products (and fp32 ones, with MKL) to libraries that re-lay out the
-    weight matrix at every call. Decoding multiplies each weight by a handful of rows, so that extra pass
-    over the weights costs about as much as the product: with the layout done once
-    (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's weight freezing does) SmolLM2-135M's
-    linear layers take about half the time per bf16 decode step (measured on the 2-core development
-    CPU; fp32: about 2/3 of the time for one row, 1/2 for 32 rows). A packed call has a fixed cost of
-    ~10 us, so weights under `MIN_ELEMENTS` (tiny test models, whose weights stay in cache) keep plain
-    `F.linear`. bf16 results are bit-identical to `F.linear`; fp32 ones differ in summation order
-    (~1e-6 relative).
-
-    Inside ``with packed:`` every plain `nn.Linear` of the model computes through `_packed_forward` (an
-    instance-level ``forward``, removed on exit, so training and other callers never see it). A copy is
-    re-made when its weight changed since it was packed (new storage or an in-place update, e.g. an
-    optimizer step between two sampling calls). Costs one extra copy of the linear weights in memory.
-    """
-
-    BATCH_HINT = 32  # oneDNN picks the layout for this many rows; fp32 needs > 1 for batched decode, bf16 ignores it
-    MIN_ELEMENTS = 2**14
-
-    def __init__(self, model: torch.nn.Module):
-        # plain nn.Linear only (subclasses may compute differently); none whose forward is already
-        # replaced on the instance (accelerate's hooks do that); none too small to gain
-        self.linears = [module for module in model.modules() if type(module) is torch.nn.Linear
-                        and "forward" not in module.__dict__ and module.weight.device.type == "cpu"
-                        and module.weight.dtype in (torch.bfloat16, torch.float32)
-                        and module.weight.numel() >= self.MIN_ELEMENTS]
-        self.packed: dict[torch.nn.Linear, tuple[tuple[int, int], torch.Tensor]] = {}
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> PackedLinears:
-        """The model's packed weights, shared by every sampler made for it (callers that build a new
-        `Sampler` per call, like RL rollouts, then pack once, not at every call)."""
-        if model not in _PACKED_BY_MODEL:
-            _PACKED_BY_MODEL[model] = cls(model)
-        return _PACKED_BY_MODEL[model]
-
-    @staticmethod
-    def available(device: torch.device) -> bool:
-        return device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                                                           "_linear_pointwise")
-
-    def __enter__(self):
-        for module in self.linears:
-            weight = module.weight
-            try:
-                stamp = (weight.data_ptr(), weight._version)
-            except RuntimeError:  # weights created under inference_mode keep no version counter
-                stamp = (weight.data_ptr(), -1)
-            entry = self.packed.get(module)
-            if entry is None or entry[0] != stamp:
-                entry = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.BATCH_HINT))
-                self.packed[module] = entry
-            module.forward = _packed_forward(module, entry[1])
-        return self
-
-    def __exit__(self, *exc):
-        for module in self.linears:
-            module.__dict__.pop("forward", None)
-        return False
-
-
-_PACKED_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != packed.dtype:  # the module's own path (and cast rules)
-            return torch.nn.functional.linear(x, module.weight, module.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
-
-    return forward
-
-
 # ---- attention capture --------------------------------------------------------------------------
 
 
@@ -569,9 +501,13 @@ def find_stop(text: str, stop: Sequence[str]) -> tuple[int, str] | None:
 
 
 class Sampler:
-    """Decodes with a `LoadedModel` (see the module docstring for the conventions)."""
+    """Decodes with a `LoadedModel` (see the module docstring for the conventions).
 
-    def __init__(self, loaded, pack_weights: bool | None = None):
+    ``pack_weights``: prepack linear weights for oneDNN (default: on CPU). ``llama_decoder``: run the
+    written-out Llama forward (default: when the model supports it; True makes an unsupported model an error).
+    """
+
+    def __init__(self, loaded, pack_weights: bool | None = None, llama_decoder: bool | None = None):
         model = loaded.model
         if hasattr(model, "get_base_model"):  # a peft model: its base holds the adapter layers and takes every argument
             model = model.get_base_model()
@@ -592,8 +528,15 @@ class Sampler:
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in parameters
         if pack_weights is None:
-            pack_weights = PackedLinears.available(self.device)
-        self.packed = PackedLinears.of(self.model) if pack_weights else None
+            pack_weights = packed.available(self.device)
+        # the written-out forward for Llama-family models (llama_decoder.py); transformers' forward otherwise
+        reason = unsupported_reason(self.model)
+        if llama_decoder and reason is not None:
+            raise ValueError(f"llama_decoder=True, but {type(self.model).__name__} is not supported: {reason}")
+        self.decoder = None
+        if llama_decoder is not False and reason is None:
+            self.decoder = LlamaDecoder.of(self.model, pack_weights)
+        self.packed = PackedLinears.of(self.model) if pack_weights and self.decoder is None else None
         # attention modules by layer, for attaching a capture (transformers' convention: `layer_idx`, `head_dim`)
         self.attention_modules = {}
         for module in self.model.modules():
@@ -703,7 +646,8 @@ class Sampler:
         cache = new_cache(self.model.config, capacity)
         if capture is not None:
             capture.enabled = False  # prompt rows are not needed
-        logits = self._run(input_ids, cache, positions, mask[:, :prompt_len] if has_padding else None)[:, -1]
+        logits = self._run(input_ids, cache, positions, mask[:, :prompt_len] if has_padding else None,
+                           capture=capture)[:, -1]
         if capture is not None:
             capture.enabled = True
         if n > 1:  # one prefill, n samples: repeat the prompt's cache rows
@@ -750,7 +694,8 @@ class Sampler:
                 break
             # consume the sampled tokens: next-token logits, and row i of the attention for the captured heads
             logits = self._run(tokens[:, None], cache, next_position[:, None],
-                               None if decode_mask is None else decode_mask[..., :cache_length + 1])[:, -1]
+                               None if decode_mask is None else decode_mask[..., :cache_length + 1],
+                               capture=capture)[:, -1]
             cache_length += 1
             next_position += 1
             if capture is not None:
@@ -800,20 +745,30 @@ class Sampler:
     def _decode_mask(self, cache: Cache, mask: torch.Tensor, has_padding: bool) -> torch.Tensor | None:
         """The attention mask for one-token decode steps, to be cut to the cache length + 1.
 
-        With the preallocated cache: an additive 4D mask (rows, 1, 1, capacity), 0 or the dtype's minimum,
-        which the model passes to attention as is. Passing a mask even without padding matters: with
-        none, transformers' SDPA attention takes torch's `enable_gqa` kernel, which on CPU runs bf16
-        decode ~7x slower than the grouped-query packing it uses when a mask is given. Other caches
-        (sliding windows, ...) get the 2D padding mask, from which transformers builds each layer's mask.
+        transformers' forward on the preallocated cache: an additive 4D mask (rows, 1, 1, capacity), 0 or the
+        dtype's minimum, which the model passes to attention as is. Passing a mask even without padding
+        matters: with none, transformers' SDPA attention takes torch's `enable_gqa` kernel, which on CPU runs
+        bf16 decode ~7x slower than the grouped-query packing it uses when a mask is given. The decoder
+        (which always groups the queries itself) and other caches (sliding windows, ...) get the 2D padding
+        mask, or none without padding.
         """
-        if not isinstance(cache, KVCache) or self.model.config._attn_implementation not in MASK_4D_IMPLEMENTATIONS:
+        if not self._takes_4d_mask(cache):
             return mask if has_padding else None
         additive = torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=self.dtype, device=self.device)
         return additive.masked_fill_(~mask[:, None, None, :], torch.finfo(self.dtype).min)
 
+    def _takes_4d_mask(self, cache: Cache) -> bool:
+        """Whether one-token steps of transformers' forward on `cache` take an additive 4D mask (SDPA's fast path)."""
+        return (self.decoder is None and isinstance(cache, KVCache)
+                and self.model.config._attn_implementation in MASK_4D_IMPLEMENTATIONS)
+
     def _run(self, input_ids: torch.Tensor, cache: Cache, position_ids: torch.Tensor,
-             attention_mask: torch.Tensor | None, logits_to_keep: int = 1) -> torch.Tensor:
-        """One forward pass extending `cache`; fp32 logits of the last `logits_to_keep` positions (0: all)."""
+             attention_mask: torch.Tensor | None, logits_to_keep: int = 1,
+             capture: AttentionCapture | None = None) -> torch.Tensor:
+        """One forward pass extending `cache`; fp32 logits of the last `logits_to_keep` positions (0: all).
+        Inside `_running(capture)`: transformers' forward finds the capture on its attention modules."""
+        if self.decoder is not None:
+            return self.decoder.forward(input_ids, position_ids, cache, attention_mask, logits_to_keep, capture)
         kwargs = {self._cache_argument: cache, "use_cache": True}
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
@@ -826,8 +781,12 @@ class Sampler:
     # ---- capture switching ----
 
     def _running(self, capture: AttentionCapture | None) -> contextlib.ExitStack:
-        """The model as the sampler runs it: packed linear weights (if on) and the capture (if any)."""
+        """The model as the sampler runs it: the decoder's weights up to date, or transformers' forward with packed
+        linear weights (if on) and the capture (if any) attached."""
         stack = contextlib.ExitStack()
+        if self.decoder is not None:
+            self.decoder.refresh()
+            return stack
         if self.packed is not None:
             stack.enter_context(self.packed)
         stack.enter_context(_CaptureContext(self.model, self.attention_modules, capture))
@@ -890,10 +849,10 @@ class Sampler:
         positions = torch.arange(state.length, state.length + count, device=self.device)[None]
         # one token: a 4D mask keeps SDPA on its fast grouped-query path (see _decode_mask); several: causal
         mask = (torch.zeros(1, 1, 1, state.length + 1, dtype=self.dtype, device=self.device)
-                if count == 1 and isinstance(state.cache, KVCache)
-                and self.model.config._attn_implementation in MASK_4D_IMPLEMENTATIONS else None)
+                if count == 1 and self._takes_4d_mask(state.cache) else None)
         with self._running(state.capture):
-            new_logits = self._run(tokens[None], state.cache, positions, mask, logits_to_keep=count)[0]
+            new_logits = self._run(tokens[None], state.cache, positions, mask, logits_to_keep=count,
+                                   capture=state.capture)[0]
         # the distribution each token was drawn from: the state's last logits, then the new ones but the last
         before = torch.cat([previous_logits, new_logits[:-1]], dim=0)
         values = token_signals(before, tokens).tolist()

@@ -1,0 +1,196 @@
+"""The forward pass of Llama-family models, written out for decoding.
+
+transformers' `LlamaForCausalLM.forward` is general: masks built per call, rotary angles recomputed per call,
+q, k and v (and gate and up) as separate products, a dozen small tensor operations per layer that
+each cost a few microseconds of dispatch. When a decode step multiplies each weight by one row, that
+overhead is a third of the step (SmolLM2-135M, bf16, 2-core CPU: 33 ms per token through transformers,
+23 ms here). `LlamaDecoder` computes the same function from the same weights with fewer operations:
+
+- one product for q, k and v and one for gate and up (weights concatenated once; on CPU prepacked for
+  oneDNN, see `PackedLinears`); the concatenated products are the same dot products;
+- cos/sin of the rotary embedding looked up in a table that the model's own rotary module filled;
+- RMSNorm as one fused kernel (in fp32, cast back, times the weight: transformers' rounding);
+- attention: one-token steps use SDPA with queries grouped per key/value head (the fast CPU path,
+  see `Sampler._decode_mask`); several tokens use SDPA with an explicit causal + padding mask.
+
+In bf16 the logits equal transformers' bit for bit; in fp32 they differ in the last bits where the
+prepacked products sum in another order (`tests/test_sampler.py` checks both). `Sampler` uses it for every
+model that `unsupported_reason` accepts (Llama, Qwen2 and models built like them, full attention only, plain
+`nn.Linear` layers: a peft adapter's layers are not) and transformers' forward otherwise.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache
+
+from lightning_lab.inference import packed
+from lightning_lab.inference.packed import FusedLinear
+
+SUPPORTED_MODEL_TYPES = {"llama", "qwen2"}
+# rotary types whose angle at a position does not depend on the sequence length (a table can hold them)
+TABLE_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+
+
+def unsupported_reason(model) -> str | None:
+    """Why `LlamaDecoder` cannot run `model` (None: it can)."""
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {getattr(config, 'model_type', None)!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}"
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    if any(kind != "full_attention" for kind in layer_types) or getattr(config, "use_sliding_window", False):
+        return "a layer does not use full attention"
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is None or getattr(rotary, "rope_type", "default") not in TABLE_ROPE_TYPES:
+        return f"rotary embedding type {getattr(rotary, 'rope_type', None)!r}"
+    for index, layer in enumerate(model.model.layers):
+        linears = [getattr(layer.self_attn, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(layer.mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        if any(type(module) is not torch.nn.Linear for module in linears):
+            return f"layer {index}: a projection is not a plain nn.Linear (an adapter, quantisation, ...)"
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if any(not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon") for norm in norms):
+            return f"layer {index}: a norm is not an RMSNorm"
+    if type(model.lm_head) is not torch.nn.Linear:
+        return "lm_head is not a plain nn.Linear"
+    return None
+
+
+class LlamaDecoder:
+    """`forward(input_ids, positions, cache, mask)`: fp32 logits, written into `cache` as transformers would."""
+
+    def __init__(self, model, pack_weights: bool | None = None):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"LlamaDecoder cannot run {type(model).__name__}: {reason}")
+        config = model.config
+        self.model = model
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = model.model.layers[0].self_attn.head_dim
+        self.scaling = model.model.layers[0].self_attn.scaling
+        pack = packed.available(model.lm_head.weight.device) and pack_weights is not False
+        self.layers = []
+        for layer in model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            self.layers.append(dict(
+                attention=attention, act=mlp.act_fn, intermediate=mlp.gate_proj.out_features,
+                input_norm=layer.input_layernorm, post_attention_norm=layer.post_attention_layernorm,
+                qkv=FusedLinear(attention.q_proj, attention.k_proj, attention.v_proj, pack=pack),
+                out=FusedLinear(attention.o_proj, pack=pack),
+                gate_up=FusedLinear(mlp.gate_proj, mlp.up_proj, pack=pack),
+                down=FusedLinear(mlp.down_proj, pack=pack)))
+        self.head = FusedLinear(model.lm_head, pack=pack)
+        self.cos = self.sin = None
+
+    @classmethod
+    def of(cls, model, pack_weights: bool | None = None) -> LlamaDecoder:
+        """The model's decoder, shared by every sampler made for it with the same packing (callers that build a
+        new `Sampler` per call then stack and pack the weights once, not at every call)."""
+        key = pack_weights is not False
+        decoders = _DECODERS.setdefault(model, {})
+        if key not in decoders:
+            decoders[key] = cls(model, pack_weights)
+        return decoders[key]
+
+    def refresh(self) -> None:
+        """Re-stack any weights that changed since the last call (cheap when none did)."""
+        for layer in self.layers:
+            for name in ("qkv", "out", "gate_up", "down"):
+                layer[name].refresh()
+        self.head.refresh()
+
+    def _rotary_table(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin (positions, head_dim) for positions 0..length-1 at least, from the model's rotary module."""
+        if self.cos is None or len(self.cos) < length or self.cos.dtype != dtype:
+            size = max(length, 2 * len(self.cos) if self.cos is not None else 1024)
+            positions = torch.arange(size, device=self.model.lm_head.weight.device)[None]
+            probe = torch.empty(0, dtype=dtype, device=positions.device)
+            cos, sin = self.model.model.rotary_emb(probe, positions)
+            half = cos.shape[-1] // 2
+            # sin with its first half negated: rotate() then needs a roll instead of transformers' neg + cat
+            self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        return self.cos, self.sin
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Cache,
+                attention_mask: torch.Tensor | None, logits_to_keep: int = 1, capture=None) -> torch.Tensor:
+        """Feed `input_ids` (rows, tokens) at `positions` (rows, tokens) after what `cache` holds.
+
+        ``attention_mask``: None (no padding), the 2D padding mask (rows, cache length + tokens; True = real
+        token) or, for one token, an additive (rows, 1, 1, cache length + 1) mask. ``capture``: an
+        `AttentionCapture`, given each captured layer's queries and keys. Returns fp32 logits of the last
+        ``logits_to_keep`` positions (0: all)."""
+        rows, tokens = input_ids.shape
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        hidden = self.model.model.embed_tokens(input_ids)
+        dtype = hidden.dtype
+        cos_table, sin_table = self._rotary_table(cache.get_seq_length() + tokens, dtype)
+        cos, sin = cos_table[positions][:, None], sin_table[positions][:, None]  # (rows, 1, tokens, head_dim)
+        mask, causal = self._mask(attention_mask, rows, tokens, cache.get_seq_length() + tokens, dtype, hidden.device)
+        for index, layer in enumerate(self.layers):
+            x = rms_norm(hidden, layer["input_norm"])
+            qkv = layer["qkv"](x).view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+            query_key = rotate(qkv[:, :heads + kv_heads], cos, sin)  # (rows, heads + kv_heads, tokens, head_dim)
+            query, key = query_key[:, :heads], query_key[:, heads:]
+            attended = self._attend(index, query, key, qkv[:, heads + kv_heads:], cache, mask, causal, capture)
+            hidden = hidden + layer["out"](attended)
+            gate_up = layer["gate_up"](rms_norm(hidden, layer["post_attention_norm"]))
+            gate, up = gate_up[..., :layer["intermediate"]], gate_up[..., layer["intermediate"]:]
+            hidden = hidden + layer["down"](layer["act"](gate) * up)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.head(rms_norm(hidden, self.model.model.norm)).float()
+
+    def _attend(self, index: int, query, key, value, cache: Cache, mask, causal: bool, capture) -> torch.Tensor:
+        """Append key and value to the cache's layer `index`; the attention output (rows, tokens, heads * head_dim)."""
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        rows, tokens = query.shape[0], query.shape[2]
+        keys, values = cache.update(key, value, index)
+        if capture is not None and index in capture.heads_by_layer:
+            capture.record(self.layers[index]["attention"], query, keys, mask, self.scaling)
+        if tokens == 1 and heads != kv_heads:  # group the query heads of each key/value head: SDPA's fast CPU path
+            attended = F.scaled_dot_product_attention(query.reshape(rows, kv_heads, heads // kv_heads, head_dim),
+                                                      keys, values, attn_mask=mask, scale=self.scaling)
+        else:
+            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal,
+                                                      scale=self.scaling, enable_gqa=heads != kv_heads)
+            attended = attended.transpose(1, 2)  # (rows, tokens, heads, head_dim)
+        return attended.reshape(rows, tokens, heads * head_dim)
+
+    @staticmethod
+    def _mask(attention_mask, rows: int, tokens: int, keys: int, dtype, device) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for SDPA. One token: none without padding, else additive (rows, 1, 1, keys). Several:
+        SDPA's causal flag when they are the whole sequence without padding (what transformers does), else a
+        boolean (rows, 1, tokens, keys) mask."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask, False
+        if tokens == 1:
+            if attention_mask is None:
+                return None, False
+            additive = torch.zeros(rows, 1, 1, keys, dtype=dtype, device=device)
+            return additive.masked_fill_(~attention_mask[:, None, None, :keys], torch.finfo(dtype).min), False
+        if attention_mask is None and tokens == keys:
+            return None, True
+        # query j sits at position keys - tokens + j and sees the keys up to it
+        allowed = torch.ones(tokens, keys, dtype=torch.bool, device=device).tril(keys - tokens)[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :keys]
+            # a padding query that sees nothing would give NaN; let it see itself (its output is never used)
+            itself = torch.arange(keys, device=device)[None] == torch.arange(keys - tokens, keys, device=device)[:, None]
+            allowed = allowed | itself[None, None]
+        return allowed.expand(rows, 1, tokens, keys), False
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in fp32, cast back to the input dtype, then scale."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype) * norm.weight
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (rows, heads, tokens, head_dim): transformers' x * cos + rotate_half(x) * sin, where
+    rotate_half(x) = (-x2, x1) = roll(x) * (-1, 1), the sign folded into `signed_sin` (the same products)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
