@@ -4,7 +4,8 @@
 
 One GSM8K question as a chat prompt, `--new-tokens` (128) tokens forced on both sides (EOS
 ignored: `min_new_tokens` for generate, `ignore_eos=True` for the sampler). Each case is timed
-`--reps` times after a short (8-token) warm-up run per side; the table shows medians. Targets:
+`--reps` times (the single-row cases at least 5 times) after a short (8-token) warm-up run per side; the
+table shows medians. Targets:
 
 - n=32 sampling: sampler tokens/s >= 4x generate(num_return_sequences=32, do_sample=True);
 - n=1 greedy:    sampler tokens/s >= 2x generate(do_sample=False)
@@ -109,8 +110,10 @@ def bench_dtype(args, dtype: str, question: str) -> list[dict]:
                          ratio=ratio, target=f"{'<=' if lower_is_better else '>='} {target}x", ok=ok))
         print(f"  {dtype} {case}: baseline {base_s:.2f} s, sampler {ours_s:.2f} s", flush=True)
 
-    def timed(*runs):
-        return paired_median_seconds(list(runs), steps, args.reps)
+    def timed(*runs, reps=args.reps):
+        return paired_median_seconds(list(runs), steps, reps)
+
+    greedy_reps = max(args.reps, 5)  # single-row runs are short and noisier: more repetitions, still cheap
 
     # the sampler, and with --levers the sampler with one lever taken away: prepacked weights, or the
     # written-out Llama forward (transformers' forward instead)
@@ -124,11 +127,12 @@ def bench_dtype(args, dtype: str, question: str) -> list[dict]:
         for name, seconds in zip(variants, ours_s):
             row(f"n={args.n} sampling{name}", args.n * steps, base_s, seconds, 4.0)
         base_s, *ours_s = timed(generate_greedy, *[lambda k, chosen=chosen: sampler_greedy(k, chosen)
-                                                   for chosen in variants.values()])
+                                                   for chosen in variants.values()], reps=greedy_reps)
         for name, seconds in zip(variants, ours_s):
             row(f"n=1 greedy{name}", steps, base_s, seconds, 2.0)
-        row(f"greedy + {len(heads)} heads", steps, *timed(sampler_greedy, lambda k: sampler_greedy(k, capture=heads)),
-            1.15, lower_is_better=True)
+        row(f"greedy + {len(heads)} heads", steps,
+            *timed(sampler_greedy, lambda k: sampler_greedy(k, capture=heads), reps=greedy_reps), 1.15,
+            lower_is_better=True)
     if args.llama_cpp and dtype == args.dtypes[0]:
         from lightning_lab.models.loading import ALIASES, alias_gguf_path
 

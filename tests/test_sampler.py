@@ -401,3 +401,21 @@ def test_a_peft_model_decodes_through_its_base_with_the_adapter_on(tiny_llama_di
     with peft_model.disable_adapter():  # the adapter really is on in the comparison above
         plain = sampler.generate(PROMPTS, greedy=True, max_new_tokens=10, chat=False)
     assert [c[0].token_ids for c in plain.completions] != [c[0].token_ids for c in adapted.completions]
+
+
+# ---- the bench ------------------------------------------------------------------------------------
+
+
+def test_bench_interleaves_the_two_sides_of_a_ratio():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "sampler.py"
+    spec = importlib.util.spec_from_file_location("bench_sampler", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    medians = bench.paired_median_seconds([lambda k: calls.append(("a", k)), lambda k: calls.append(("b", k))],
+                                          steps=128, reps=3)
+    assert calls == [("a", 8), ("b", 8)] + [("a", 128), ("b", 128)] * 3  # warm-ups, then A B A B A B
+    assert len(medians) == 2 and all(seconds >= 0 for seconds in medians)
