@@ -9,7 +9,7 @@ overhead is a third of the step (SmolLM2-135M, bf16, 2-core CPU: 33 ms per token
 - one product for q, k and v and one for gate and up (weights concatenated once; on CPU prepacked for
   oneDNN, see `PackedLinears`); the concatenated products are the same dot products;
 - cos/sin of the rotary embedding looked up in a table that the model's own rotary module filled;
-- RMSNorm as one fused kernel (in fp32, cast back, times the weight: transformers' rounding);
+- RMSNorm as one kernel (computed in fp32, rounded once, times the weight: transformers' rounding);
 - attention: one-token steps use SDPA with queries grouped per key/value head (the fast CPU path,
   see `Sampler._decode_mask`); several tokens use SDPA with an explicit causal + padding mask.
 
@@ -186,8 +186,9 @@ _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: normalise in fp32, cast back to the input dtype, then scale."""
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype) * norm.weight
+    """transformers' LlamaRMSNorm: normalise in fp32, cast back to the input dtype, then scale. (`F.rms_norm`
+    computes a bf16 input in fp32 and rounds once, which is that first step, without two casts around it.)"""
+    return F.rms_norm(x, (x.shape[-1],), eps=norm.variance_epsilon) * norm.weight
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
