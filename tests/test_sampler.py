@@ -316,6 +316,26 @@ def test_llama_decoder_equals_transformers_forward(tiny_llama_dir, dtype):
     same(*forced)
 
 
+def test_llama_decoder_runs_qwen2_with_its_qkv_biases(tiny):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tiny.tokenizer), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    loaded = varied(LoadedModel(qwen, tiny.tokenizer, "qwen2", torch.device("cpu"), torch.float32))
+    with torch.no_grad():  # biases that matter (transformers starts them at zero)
+        for name, parameter in qwen.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.3)
+    ours, theirs = Sampler(loaded), Sampler(loaded, llama_decoder=False)
+    outs = [sampler.generate(PROMPTS, greedy=True, max_new_tokens=8, chat=False, logprobs=True)
+            for sampler in (ours, theirs)]
+    assert ours.decoder is not None and ours.decoder.layers[0]["qkv"].bias is not None
+    for mine, reference in zip(*(out.prompts for out in outs)):
+        assert mine.completions[0].token_ids == reference.completions[0].token_ids
+        assert mine.completions[0].logprobs == pytest.approx(reference.completions[0].logprobs, abs=1e-4)
+
+
 def test_models_the_decoder_cannot_run_fall_back_to_transformers(tiny):
     from lightning_lab.inference.llama_decoder import unsupported_reason
     from lightning_lab.models.gpt import LabGPTConfig, LabGPTForCausalLM

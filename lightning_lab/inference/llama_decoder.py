@@ -3,11 +3,12 @@
 transformers' `LlamaForCausalLM.forward` is general: masks built per call, rotary angles recomputed per call,
 q, k and v (and gate and up) as separate products, a dozen small tensor operations per layer that
 each cost a few microseconds of dispatch. When a decode step multiplies each weight by one row, that
-overhead is a third of the step (SmolLM2-135M, bf16, 2-core CPU: 33 ms per token through transformers,
-23 ms here). `LlamaDecoder` computes the same function from the same weights with fewer operations:
+overhead is a third of the step (SmolLM2-135M, bf16, one row, 2-core CPU, both timed alternately: 44-46 ms
+per token through transformers' forward with prepacked weights, 31 ms here). `LlamaDecoder` computes the
+same function from the same weights with fewer operations:
 
 - one product for q, k and v and one for gate and up (weights concatenated once; on CPU prepacked for
-  oneDNN, see `PackedLinears`); the concatenated products are the same dot products;
+  oneDNN, see ``packed.py``); the concatenated products are the same dot products;
 - cos/sin of the rotary embedding looked up in a table that the model's own rotary module filled;
 - RMSNorm as one kernel (computed in fp32, rounded once, times the weight: transformers' rounding);
 - attention: one-token steps use SDPA with queries grouped per key/value head (the fast CPU path,
