@@ -16,7 +16,8 @@ The repetitions of the two sides of a ratio alternate (baseline, sampler, baseli
 drifts by tens of percent within minutes, and timing one side after the other would fold that drift
 into the ratio. ``--levers`` adds the sampler without its prepacked linear weights and the sampler on
 transformers' forward instead of the written-out Llama forward (`LlamaDecoder`). The machine's load
-(`uptime`) is printed before and after: other processes on a small CPU make every number here noisy (with 2 threads, an oversubscribed CPU slows OpenMP code by up to 10x).
+(`uptime`) is printed before and after: other processes on a small CPU make every number here noisy
+(with 2 threads, an oversubscribed CPU slows OpenMP code by up to 10x).
 Run it without ``OMP_WAIT_POLICY=PASSIVE`` (what `make test` sets): sleeping OpenMP threads add a
 wake-up to every small operation, and the ratios would describe that setting, not the sampler.
 """

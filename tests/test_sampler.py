@@ -334,6 +334,14 @@ def test_llama_decoder_runs_qwen2_with_its_qkv_biases(tiny):
     for mine, reference in zip(*(out.prompts for out in outs)):
         assert mine.completions[0].token_ids == reference.completions[0].token_ids
         assert mine.completions[0].logprobs == pytest.approx(reference.completions[0].logprobs, abs=1e-4)
+    with torch.no_grad():  # an in-place bias update (an optimizer step) reaches the stacked biases
+        for layer in qwen.model.layers:
+            layer.self_attn.k_proj.bias.mul_(-3.0)
+    after = [sampler.generate(PROMPTS, greedy=True, max_new_tokens=8, chat=False, logprobs=True)
+             for sampler in (ours, theirs)]
+    assert [p.completions[0].logprobs for p in after[0].prompts] != [p.completions[0].logprobs for p in outs[0].prompts]
+    for mine, reference in zip(*(out.prompts for out in after)):
+        assert mine.completions[0].logprobs == pytest.approx(reference.completions[0].logprobs, abs=1e-4)
 
 
 def test_models_the_decoder_cannot_run_fall_back_to_transformers(tiny):

@@ -126,10 +126,10 @@ class LlamaDecoder:
         rows, tokens = input_ids.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         hidden = self.model.model.embed_tokens(input_ids)
-        dtype = hidden.dtype
-        cos_table, sin_table = self._rotary_table(cache.get_seq_length() + tokens, dtype)
+        dtype, length = hidden.dtype, cache.get_seq_length() + tokens
+        cos_table, sin_table = self._rotary_table(length, dtype)
         cos, sin = cos_table[positions][:, None], sin_table[positions][:, None]  # (rows, 1, tokens, head_dim)
-        mask, causal = self._mask(attention_mask, rows, tokens, cache.get_seq_length() + tokens, dtype, hidden.device)
+        mask, causal = self._mask(attention_mask, rows, tokens, length, dtype, hidden.device)
         for index, layer in enumerate(self.layers):
             x = rms_norm(hidden, layer["input_norm"])
             qkv = layer["qkv"](x).view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
@@ -182,6 +182,7 @@ class LlamaDecoder:
             itself = torch.arange(keys, device=device)[None] == torch.arange(keys - tokens, keys, device=device)[:, None]
             allowed = allowed | itself[None, None]
         return allowed.expand(rows, 1, tokens, keys), False
+
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

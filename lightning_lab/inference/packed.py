@@ -58,7 +58,7 @@ class FusedLinear:
     """Several `nn.Linear` layers over the same input as one product: their weights (and biases) stacked,
     prepacked when `pack` is true and the stacked weight is worth it (unpacked, stacking copies the
     weights: on a GPU the fused layers take their memory twice). Call `refresh` before use: it re-stacks
-    when a source weight changed."""
+    when a source weight or bias changed."""
 
     def __init__(self, *linears: torch.nn.Linear, pack: bool):
         self.linears = linears
@@ -66,7 +66,8 @@ class FusedLinear:
         self.stamp = None
 
     def refresh(self) -> None:
-        current = tuple(stamp(module.weight) for module in self.linears)
+        current = tuple(stamp(tensor) for module in self.linears for tensor in (module.weight, module.bias)
+                        if tensor is not None)
         if current == self.stamp:
             return
         self.stamp = current
@@ -88,16 +89,16 @@ class FusedLinear:
 class PackedLinears:
     """Prepacked copies of a CPU model's plain `nn.Linear` weights, used while the sampler runs.
 
-    Inside ``with packed:`` every such layer computes through `_packed_forward` (an instance-level
-    ``forward``, removed on exit, so training and other callers never see it).
+    Inside ``with packed:`` every such layer computes through its `FusedLinear` of one layer (an
+    instance-level ``forward``, removed on exit, so training and other callers never see it).
     """
 
     def __init__(self, model: torch.nn.Module):
         # plain nn.Linear only (subclasses may compute differently); none whose forward is already
         # replaced on the instance (accelerate's hooks do that); none too small to gain
-        self.linears = [module for module in model.modules() if type(module) is torch.nn.Linear
-                        and "forward" not in module.__dict__ and worth_packing(module.weight)]
-        self.packed: dict[torch.nn.Linear, tuple[tuple[int, int], torch.Tensor]] = {}
+        self.packed = {module: FusedLinear(module, pack=True) for module in model.modules()
+                       if type(module) is torch.nn.Linear and "forward" not in module.__dict__
+                       and worth_packing(module.weight)}
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> PackedLinears:
@@ -108,17 +109,13 @@ class PackedLinears:
         return _PACKED_BY_MODEL[model]
 
     def __enter__(self):
-        for module in self.linears:
-            current = stamp(module.weight)
-            entry = self.packed.get(module)
-            if entry is None or entry[0] != current:
-                entry = (current, pack(module.weight))
-                self.packed[module] = entry
-            module.forward = _packed_forward(module, entry[1])
+        for module, fused in self.packed.items():
+            fused.refresh()
+            module.forward = _packed_forward(module, fused)
         return self
 
     def __exit__(self, *exc):
-        for module in self.linears:
+        for module in self.packed:
             module.__dict__.pop("forward", None)
         return False
 
@@ -126,10 +123,10 @@ class PackedLinears:
 _PACKED_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor):
+def _packed_forward(module: torch.nn.Linear, fused: FusedLinear):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != packed.dtype:  # the module's own path (and cast rules)
+        if x.dtype != fused.weight.dtype:  # the module's own path (and cast rules)
             return F.linear(x, module.weight, module.bias)
-        return packed_linear(x, packed, module.bias)
+        return fused(x)
 
     return forward
