@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -22,14 +23,26 @@ from lightning.pytorch import Callback  # noqa: E402  (after HF_HUB_OFFLINE, whi
 
 class SigintAtStep(Callback):
     """Sends this process a real SIGINT once `step` optimizer steps are done (GracefulPause must catch it).
-    Stages take it on the command line: --trainer.callbacks+=conftest.SigintAtStep --trainer.callbacks.step=N"""
+    Stages take it on the command line: --trainer.callbacks+=conftest.SigintAtStep --trainer.callbacks.step=N
+    (and ``--trainer.callbacks.rank=R``: only in the DDP process of global rank R)."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, rank: int | None = None):
         self.step = step
+        self.rank = rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+class RecordBatches(Callback):
+    """Appends each training batch's window starts (the first 4 input ids of every row) to
+    ``<run dir>/batches.rank<R>.jsonl``, one line per step: which data each DDP rank trained on."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        path = Path(trainer.default_root_dir) / f"batches.rank{trainer.global_rank}.jsonl"
+        with path.open("a") as file:
+            file.write(json.dumps({"step": trainer.global_step, "rows": batch[0][:, :4].tolist()}) + "\n")
 
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"

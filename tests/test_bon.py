@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from lightning_lab.data.benchmarks import Sample
 from lightning_lab.data.io import DataError, JsonlWriter
@@ -265,12 +266,13 @@ def prompt_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()[1:]]
 
 
-def test_collect_writes_header_records_telemetry_and_refuses_to_overwrite(tmp_path, tiny_llama_dir, one_thread):
+def test_collect_writes_header_records_telemetry_and_refuses_to_overwrite(tmp_path, tiny_llama_dir, one_thread,
+                                                                          monkeypatch, caplog):
     config = bon.load_config(tiny_config(tmp_path, tiny_llama_dir, prompts=3, batch_size=2))
     out = bon.collect(config, telemetry=True, device="cpu", dtype="fp32", progress=False)
     assert out.parent == tmp_path / "runs" and out.suffix == ".jsonl"
     name, header, records, telemetry = bon.read_run(out)
-    assert header["config"]["samples_per_prompt"] == 2 and header["versions"]["torch"]
+    assert header["config"]["samples_per_prompt"] == 2 and header["versions"]["torch"] and header["threads"] == 1
     assert [r["id"] for r in records] == ["p00", "p01", "p02"]
     for record in records:
         assert record["n"] == 2 and set(record["pass_at_k"]) == {"1", "2"}
@@ -282,8 +284,11 @@ def test_collect_writes_header_records_telemetry_and_refuses_to_overwrite(tmp_pa
 
     with pytest.raises(DataError, match="--resume"):
         bon.collect(config, out=out, device="cpu", dtype="fp32", progress=False)
-    bon.collect(config, out=out, resume=True, device="cpu", dtype="fp32", progress=False)  # nothing left to do
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with caplog.at_level("WARNING", logger="lightning_lab.inference.bon"):
+        bon.collect(config, out=out, resume=True, device="cpu", dtype="fp32", progress=False)  # nothing left to do
     assert len(prompt_lines(out)) == 3
+    assert "resumed with 2 torch threads, the run started with 1" in caplog.text
 
 
 def test_temperature_zero_collects_the_greedy_answer_once(tmp_path, tiny_llama_dir, one_thread):

@@ -268,6 +268,34 @@ def test_state_dict_resumes_with_exactly_the_next_batch(data_dir, consumed):
         make_datamodule(data_dir, batch_size=2).load_state_dict(state)
 
 
+def test_ddp_ranks_train_on_the_slices_of_one_global_batch(data_dir):
+    """Two processes with batch_size 4 see, at every step, the two halves of the batch of 8 that one process
+    with batch_size 8 sees: disjoint windows, the same data epochs. A state saved by 2 processes does not load
+    into 1; a state saved before sharding existed (no world_size) loads as single-process."""
+    from lightning_lab.data.packed import EpochShuffleBatchSampler
+
+    num_windows = len(make_datamodule(data_dir).train_dataset)
+    single = EpochShuffleBatchSampler(num_windows, 8, seed=7, start_batch=lambda: 0)
+    ranks = [EpochShuffleBatchSampler(num_windows, 4, seed=7, start_batch=lambda: 0, rank=r, world_size=2)
+             for r in range(2)]
+    assert ranks[0].batches_per_epoch == single.batches_per_epoch == num_windows // 8
+    steps = single.batches_per_epoch + 2  # into the second data epoch
+    streams = [iter(sampler) for sampler in (single, *ranks)]
+    for _ in range(steps):
+        whole, first, second = (next(stream) for stream in streams)
+        assert first + second == whole and not set(first) & set(second)
+    with pytest.raises(ValueError, match="rank 2 is not one of the 2 processes"):
+        EpochShuffleBatchSampler(num_windows, 4, seed=7, start_batch=lambda: 0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="cannot fill one batch of 4 on each of 64 processes"):
+        EpochShuffleBatchSampler(100, 4, seed=7, start_batch=lambda: 0, rank=0, world_size=64)
+
+    state = make_datamodule(data_dir).state_dict()
+    assert state["world_size"] == 1
+    with pytest.raises(ValueError, match="world_size: saved 2, now 1"):
+        make_datamodule(data_dir).load_state_dict({**state, "world_size": 2})
+    make_datamodule(data_dir).load_state_dict({key: value for key, value in state.items() if key != "world_size"})
+
+
 def test_trainer_checkpoint_resumes_with_the_next_batch_despite_prefetch(data_dir, tmp_path):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint

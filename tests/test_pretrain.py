@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,6 +102,63 @@ def test_sigint_pause_and_resume_equals_uninterrupted_run(data, tmp_path):
     events = read_jsonl(paused_run / "_run_tracker" / "events.jsonl")
     pause_events = [(e["event"], e["step"]) for e in events if e["event"] in ("pause", "resume")]
     assert pause_events == [("pause", 5), ("resume", 5)]
+
+
+def test_ddp_on_two_cpu_processes_shards_pauses_together_and_resumes(data, tmp_path):
+    """`lab pretrain fit --trainer.devices 2 --trainer.strategy ddp` on CPU (gloo), run as a user runs it. Each
+    rank trains on its own slice of every global batch (checked window by window against the sampler); a SIGINT
+    that reaches only rank 1 after step 3 stops both ranks after step 3; `--ckpt_path last` continues both
+    ranks with exactly their next slices."""
+    from lightning_lab.data.packed import EpochShuffleBatchSampler, PackedDataset
+
+    def run(*extra: str) -> None:
+        args = fit_args(data, tmp_path, "ddp", "--model.model_config", str(data["micro"]), "--trainer.precision",
+                        "32-true", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy",
+                        "ddp", "--trainer.max_steps", "6", "--trainer.val_check_interval", "6", "--data.seq_len",
+                        "32", "--data.batch_size", "4", "--data.val_batches", "1", "--model.warmup_steps", "2",
+                        "--trainer.callbacks+=conftest.RecordBatches", *extra)
+        tests_dir = str(Path(__file__).parent)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        # its own session, so that a hang (ranks disagreeing on a collective) kills both ranks, not only rank 0
+        process = subprocess.Popen([sys.executable, "-m", "lightning_lab.cli", "pretrain", *args], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _, stderr = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail("the DDP run hung for 240 s")
+        assert process.returncode == 0, stderr[-3000:]
+
+    run("--trainer.callbacks+=conftest.SigintAtStep", "--trainer.callbacks.step=3", "--trainer.callbacks.rank=1")
+    run_dir = tmp_path / "pretrain" / "ddp"
+    assert json.loads((run_dir / "_run_tracker" / "heartbeat.json").read_text())["status"] == "paused"
+    paused = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert paused["global_step"] == 3 and paused["PackedDataModule"]["world_size"] == 2
+    assert [len(read_jsonl(run_dir / f"batches.rank{rank}.jsonl")) for rank in (0, 1)] == [3, 3]
+
+    run("--ckpt_path", "last")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    dataset = PackedDataset(data["train"], 32)
+    for rank in (0, 1):
+        expected = iter(EpochShuffleBatchSampler(len(dataset), 4, seed=0, start_batch=lambda: 0, rank=rank,
+                                                 world_size=2))
+        recorded = read_jsonl(run_dir / f"batches.rank{rank}.jsonl")
+        assert [line["step"] for line in recorded] == [1, 2, 3, 4, 5, 6]
+        for line in recorded:
+            assert line["rows"] == [dataset[index][0][:4].tolist() for index in next(expected)], (rank, line["step"])
+
+
+def test_progress_bar_of_a_max_steps_run_has_no_negative_epoch_count():
+    """Lightning's rich bar shows "Epoch 0/-2" when only max_steps bounds the run; the lab's shows "Epoch 0"."""
+    from types import SimpleNamespace
+
+    from lightning_lab.training.common import StepsProgressBar
+
+    bar = StepsProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    bar._trainer = SimpleNamespace(max_epochs=3)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"
 
 
 def test_export_round_trip(data, tmp_path, monkeypatch):

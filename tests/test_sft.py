@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -74,6 +75,11 @@ def test_training_data_never_contains_the_dev_half(tmp_path):
     assert len(dev_ids) == 10 and train_ids == {f"gsm-{line}" for line in range(1, 21)} - dev_ids
     first = data.train_samples[0]
     assert completion_text(first) == first.metadata["solution"] and completion_text(first).endswith(f"#### {first.reference}")
+
+    # several DDP processes would each train on the same samples: refused, naming the flag
+    data.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match=r"--trainer.devices: 2 processes.*--trainer.devices 1"):
+        data.setup("fit")
 
 
 def test_batches_resume_where_they_stopped():

@@ -4,7 +4,9 @@ The signal handler only sets a flag; the work happens where it is safe:
 
 - ``GracefulPause`` (Lightning callback): at the next ``on_train_batch_end`` it saves
   ``last.ckpt`` in the checkpoint directory, marks the run's ``RunTracker`` as paused and sets
-  ``trainer.should_stop``, so ``fit`` returns normally and ``--ckpt_path last`` resumes.
+  ``trainer.should_stop``, so ``fit`` returns normally and ``--ckpt_path last`` resumes. Under DDP
+  the ranks agree at every batch end (one all-reduce of a flag), so all of them stop after the same
+  step even when the signal reached only one.
 - ``PauseFlag`` (plain loops): poll ``pause.requested`` and stop between items::
 
       with RunTracker(run_dir, stage="bon", total=n) as tracker, PauseFlag() as pause:
@@ -96,7 +98,12 @@ class GracefulPause(Callback):
         self.flag.install()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not self.flag.requested or self.checkpoint_path is not None:
+        if self.checkpoint_path is not None:
+            return
+        requested = self.flag.requested
+        if trainer.world_size > 1:  # DDP: the ranks must stop after the same step (one asked: all stop)
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if not requested:
             return
         checkpoint_callback = trainer.checkpoint_callback
         if checkpoint_callback is not None and checkpoint_callback.dirpath is not None:

@@ -42,7 +42,15 @@ another seed, batch size, sequence length or train file is an error, since batch
 different data.
 
 Validation uses the first ``val_batches`` batches of the val file in file order (all when None).
-Single-process training only: the sampler does not shard batches across DDP ranks.
+
+Several processes (DDP, ``--trainer.devices 2``). ``batch_size`` is per process, as everywhere in
+Lightning: stream batch b is a global batch of ``world_size * batch_size`` windows, and rank r trains
+on its r-th slice, so the ranks see different windows and together cover what one process with a
+``world_size`` times larger batch would. A data epoch then holds ``num_windows // (world_size *
+batch_size)`` steps. Lightning must not put its own DistributedSampler in front (it cannot inside a
+custom batch sampler): ``lab pretrain`` sets ``trainer.use_distributed_sampler: false``. Every rank
+validates on the same val batches. Resuming with another number of processes is an error (batch b
+would be other data).
 """
 
 from __future__ import annotations
@@ -219,19 +227,25 @@ class EpochShuffleBatchSampler(Sampler[list[int]]):
     """Endless batches of indices into `num_samples` items, reshuffled every data epoch.
 
     Data epoch e is ``torch.randperm(num_samples)`` under a generator seeded with ``seed + e``, cut
-    into ``num_samples // batch_size`` full batches; stream batch b is batch ``b % batches_per_epoch``
-    of epoch ``b // batches_per_epoch``. Each iteration starts at ``start_batch()``, read when the
+    into ``num_samples // (world_size * batch_size)`` full global batches; stream batch b is global batch
+    ``b % batches_per_epoch`` of epoch ``b // batches_per_epoch``, and this process (``rank``) yields its
+    ``rank``-th slice of ``batch_size`` indices. Each iteration starts at ``start_batch()``, read when the
     iteration begins, and ``next_batch`` is the stream position after the batch last yielded.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, start_batch: Callable[[], int]):
-        self.batches_per_epoch = num_samples // batch_size
+    def __init__(self, num_samples: int, batch_size: int, seed: int, start_batch: Callable[[], int],
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of the {world_size} processes")
+        self.batches_per_epoch = num_samples // (batch_size * world_size)
         if self.batches_per_epoch < 1:
-            raise ValueError(f"{num_samples} samples cannot fill one batch of {batch_size}")
+            processes = f" on each of {world_size} processes" if world_size > 1 else ""
+            raise ValueError(f"{num_samples} samples cannot fill one batch of {batch_size}{processes}")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
         self.start_batch = start_batch
+        self.rank, self.world_size = rank, world_size
         self.next_batch: int | None = None
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -246,7 +260,8 @@ class EpochShuffleBatchSampler(Sampler[list[int]]):
                 epoch, order = batch_epoch, self.epoch_order(batch_epoch)
             position += 1
             self.next_batch = position
-            yield order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+            start = (index * self.world_size + self.rank) * self.batch_size
+            yield order[start : start + self.batch_size].tolist()
 
 
 class PackedDataModule(L.LightningDataModule):
@@ -285,9 +300,15 @@ class PackedDataModule(L.LightningDataModule):
             return self._train_sampler.next_batch
         return self._resume_batch
 
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
     def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         self._train_sampler = EpochShuffleBatchSampler(len(self.train_dataset), self.batch_size, self.seed,
-                                                       start_batch=lambda: self.batches_consumed)
+                                                       start_batch=lambda: self.batches_consumed, rank=rank,
+                                                       world_size=self.world_size)
         return DataLoader(self.train_dataset, batch_sampler=self._train_sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
@@ -301,16 +322,18 @@ class PackedDataModule(L.LightningDataModule):
         """What fixes the data behind stream batch b; a resumed run must match it."""
         return {"seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
                 "train_tokens": self.train_dataset.header["num_tokens"],
-                "tokenizer_fingerprint": self.train_dataset.header["tokenizer_fingerprint"]}
+                "tokenizer_fingerprint": self.train_dataset.header["tokenizer_fingerprint"],
+                "world_size": self.world_size}
 
     def state_dict(self) -> dict:
         consumed = self.batches_consumed
-        epoch, batch_in_epoch = divmod(consumed, len(self.train_dataset) // self.batch_size)
+        epoch, batch_in_epoch = divmod(consumed, len(self.train_dataset) // (self.batch_size * self.world_size))
         return {"batches_consumed": consumed, "epoch": epoch, "batch_in_epoch": batch_in_epoch, **self._order_settings()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         settings = self._order_settings()
-        changed = {key: (state_dict.get(key), value) for key, value in settings.items() if state_dict.get(key) != value}
+        saved = {"world_size": 1, **state_dict}  # checkpoints from before DDP sharding were single-process
+        changed = {key: (saved.get(key), value) for key, value in settings.items() if saved.get(key) != value}
         if changed:
             details = ", ".join(f"{key}: saved {saved!r}, now {now!r}" for key, (saved, now) in changed.items())
             raise ValueError(f"cannot resume the batch order of {self.train_path}: data settings differ from the "

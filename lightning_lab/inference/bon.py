@@ -27,7 +27,8 @@ A sample's ``latency_s`` runs from the start of its batch's generation until tha
 a prompt's ``seconds`` is its share of its batch's generation time.
 
 Each batch is sampled with a seed derived from the config's ``seed`` and its prompt ids, so a
-resumed run samples what an uninterrupted one would have (same batch_size, device, dtype, threads).
+resumed run samples what an uninterrupted one would have (same batch_size, device, dtype, threads: the
+header records them, and a resume with another torch thread count warns).
 
 With ``--telemetry`` a CSV beside the run (``<timestamp>.telemetry.csv``) gets one row per batch:
 ``batch, prompt_ids, num_prompts, num_samples, queue_wait_s, prefill_s, decode_s, new_tokens``.
@@ -346,6 +347,7 @@ def read_header(path: Path) -> dict:
 def collect(config: CollectConfig, out: Path | None = None, resume: bool = False, telemetry: bool = False,
             device: str = "auto", dtype: str = "auto", progress: bool = True) -> Path:
     """Sample `samples_per_prompt` completions per prompt and write the run file; returns its path."""
+    import torch
     from tqdm import tqdm
 
     from lightning_lab.callbacks.pause import PauseFlag
@@ -374,7 +376,14 @@ def collect(config: CollectConfig, out: Path | None = None, resume: bool = False
                       "adapter": {"name": config.adapter_name, "path": config.adapter_path}
                       if config.adapter_path else None,
                       "versions": package_versions(), "seed": config.seed, "device": str(loaded.device),
-                      "dtype": str(loaded.dtype).removeprefix("torch."), "created": datetime.now().isoformat()})
+                      "dtype": str(loaded.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+                      "created": datetime.now().isoformat()})
+    else:
+        started_with = read_header(path).get("threads")
+        if started_with not in (None, torch.get_num_threads()):
+            log.warning("%s: resumed with %d torch threads, the run started with %d: samples are reproducible only "
+                        "with the same threads, and telemetry decode times change with them", path,
+                        torch.get_num_threads(), started_with)
     done = writer.done_ids()
     unknown_done = done - set(ids)
     if unknown_done:

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from lightning_lab.callbacks.pause import GracefulPause
 from lightning_lab.callbacks.tracker import RunTracker
@@ -100,6 +101,16 @@ class ExactResume(Callback):
             self.states_to_restore = None
 
 
+class StepsProgressBar(RichProgressBar):
+    """Lightning's default (rich) progress bar, minus the "Epoch 0/-2" it shows when a run is bounded by
+    ``max_steps`` alone (``max_epochs`` is then -1; pretraining's data is one endless epoch)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+
+
 class SaveConfigToRunDir(SaveConfigCallback):
     """Writes the resolved config to ``<run>/config.yaml`` whatever logger is chosen."""
 
@@ -147,6 +158,10 @@ class LabCLI(LightningCLI):
                          GracefulPause(), checkpoint, MetricsJsonl(), ExactResume()]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        chosen = list(trainer_config.get("callbacks") or []) + extra
+        if (_RICH_AVAILABLE and trainer_config.get("enable_progress_bar", True) is not False
+                and not any(isinstance(callback, ProgressBar) for callback in chosen)):
+            lab_callbacks.append(StepsProgressBar())
         return self._instantiate_trainer(trainer_config, extra + lab_callbacks)
 
 
@@ -161,8 +176,10 @@ def config_stem(argv: list[str]) -> str | None:
 
 
 def run_stage_cli(model_class, datamodule_class, stage: str, argv: list[str],
-                  required_artifacts: tuple[str, ...] = ("config.yaml", "checkpoints/last.ckpt", "metrics.jsonl")):
-    """Run `lab <stage> <fit|validate|test|predict> ...` and return the LabCLI (its trainer, model, datamodule)."""
+                  required_artifacts: tuple[str, ...] = ("config.yaml", "checkpoints/last.ckpt", "metrics.jsonl"),
+                  trainer_defaults: dict | None = None):
+    """Run `lab <stage> <fit|validate|test|predict> ...` and return the LabCLI (its trainer, model, datamodule).
+    `trainer_defaults`: the stage's own defaults for `--trainer.*` (a config or the command line overrides them)."""
     with warnings.catch_warnings():
         # `lab` hands the stage its own argv; Lightning would warn that sys.argv is also set.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -175,6 +192,7 @@ def run_stage_cli(model_class, datamodule_class, stage: str, argv: list[str],
             args=argv,
             save_config_callback=SaveConfigToRunDir,
             seed_everything_default=0,
+            trainer_defaults=trainer_defaults,
             auto_configure_optimizers=False,
             parser_kwargs={"prog": f"lab {stage}", "default_env": False},
         )

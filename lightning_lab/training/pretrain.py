@@ -124,8 +124,9 @@ class PretrainModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self.loss(batch)
-        self.log("train_loss", loss, prog_bar=True)
-        self.log("train_ppl", torch.exp(loss.detach()))
+        logged = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")  # DDP: the mean over the ranks
+        self.log("train_loss", logged, prog_bar=True)
+        self.log("train_ppl", torch.exp(logged))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
@@ -137,8 +138,9 @@ class PretrainModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self._val_tokens:
             val_loss = self._val_loss_sum / self._val_tokens
-            self.log("val_loss", val_loss, prog_bar=True)
-            self.log("val_ppl", math.exp(min(val_loss, 80.0)))
+            # every DDP rank validates the same batches: sync_dist averages equal values (and silences a warning)
+            self.log("val_loss", val_loss, prog_bar=True, sync_dist=True)
+            self.log("val_ppl", math.exp(min(val_loss, 80.0)), sync_dist=True)
         self._val_loss_sum = self._val_tokens = 0.0
 
     # ---- optimisation --------------------------------------------------------------------
@@ -164,5 +166,7 @@ class PretrainModule(L.LightningModule):
 
 
 def main(argv: list[str]) -> int:
-    run_stage_cli(PretrainModule, PackedDataModule, "pretrain", argv)
+    # PackedDataModule shards its batches across DDP ranks itself (Lightning cannot inject a sampler there)
+    run_stage_cli(PretrainModule, PackedDataModule, "pretrain", argv,
+                  trainer_defaults={"use_distributed_sampler": False})
     return 0

@@ -33,7 +33,7 @@ checks that the checkpoint's LoRA weights are exactly the ones this model has (s
 targets), which is why `strict_loading` can be off. With the optimizer and LR-schedule state,
 the RNG states (LoRA dropout) and the batch position of `SampleBatches`, ``--ckpt_path last``
 resumes exactly. One device (``trainer.devices: 1``: CPU, one GPU or MPS): `SampleBatches` does
-not shard batches across DDP ranks.
+not shard batches across DDP ranks, and more processes are an error naming ``--trainer.devices``.
 
 At the end of fit (or a pause) the adapter is written in peft format to
 ``runs/sft/<name>/adapters/<adapter_name>/`` with the tokenizer and the base spec, ready for
@@ -138,6 +138,10 @@ class SampleDataModule(L.LightningDataModule):
         self.val_samples: list[Sample] = []
 
     def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise ValueError(f"--trainer.devices: {self.trainer.world_size} processes, but SampleBatches does not "
+                             "shard batches across DDP ranks (every rank would train on the same samples); "
+                             "run on one device (--trainer.devices 1)")
         if self.val_split is not None:
             self.val_samples = load_benchmark(self.path, split=self.val_split, limit=self.val_limit, seed=self.seed)
         if stage != "fit":
