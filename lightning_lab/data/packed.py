@@ -332,8 +332,8 @@ class PackedDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         settings = self._order_settings()
-        saved = {"world_size": 1, **state_dict}  # checkpoints from before DDP sharding were single-process
-        changed = {key: (saved.get(key), value) for key, value in settings.items() if saved.get(key) != value}
+        stored = {"world_size": 1, **state_dict}  # checkpoints from before DDP sharding were single-process
+        changed = {key: (stored.get(key), value) for key, value in settings.items() if stored.get(key) != value}
         if changed:
             details = ", ".join(f"{key}: saved {saved!r}, now {now!r}" for key, (saved, now) in changed.items())
             raise ValueError(f"cannot resume the batch order of {self.train_path}: data settings differ from the "
