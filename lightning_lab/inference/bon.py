@@ -358,11 +358,16 @@ def collect(config: CollectConfig, out: Path | None = None, resume: bool = False
     if path.exists() and path.stat().st_size:
         if not resume:
             raise DataError(f"{path}: run file exists; pass --resume to continue it or choose another --out")
-        saved = asdict(config_from_dict(read_header(path)["config"], f"{path} header"))
+        header = read_header(path)
+        saved = asdict(config_from_dict(header["config"], f"{path} header"))
         changed = [key for key, value in asdict(config).items() if saved[key] != value]
         if changed:
             raise DataError(f"{path}: the run was collected with different {', '.join(changed)}; "
                             f"resume it with its own config (--resume {path} without --config) or start a new run")
+        if header.get("threads") not in (None, torch.get_num_threads()):
+            log.warning("%s: resumed with %d torch threads, the run started with %d: samples are reproducible only "
+                        "with the same threads, and telemetry decode times change with them", path,
+                        torch.get_num_threads(), header["threads"])
     samples = load_prompts(config)
     ids = [sample.id for sample in samples]
     if len(set(ids)) != len(ids):
@@ -378,12 +383,6 @@ def collect(config: CollectConfig, out: Path | None = None, resume: bool = False
                       "versions": package_versions(), "seed": config.seed, "device": str(loaded.device),
                       "dtype": str(loaded.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
                       "created": datetime.now().isoformat()})
-    else:
-        started_with = read_header(path).get("threads")
-        if started_with not in (None, torch.get_num_threads()):
-            log.warning("%s: resumed with %d torch threads, the run started with %d: samples are reproducible only "
-                        "with the same threads, and telemetry decode times change with them", path,
-                        torch.get_num_threads(), started_with)
     done = writer.done_ids()
     unknown_done = done - set(ids)
     if unknown_done:
