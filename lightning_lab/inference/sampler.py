@@ -74,11 +74,12 @@ Speed (``bench/sampler.py`` measures it against ``transformers.generate``): shar
 preallocated cache; the written-out forward; a 4D decode mask that keeps SDPA on its fast grouped-query
 path (`Sampler._decode_mask`); oneDNN-prepacked linear weights on CPU (``packed.py``, ``pack_weights``);
 batched on-device sampling with the top-k shortcut for top-p; dropping finished rows; one host sync per
-step; attention capture batched over layers. Measured and not kept (2-core CPU): ``torch.compile`` (of
-the model: minutes to compile, no faster; of the small operations between the products: 33-45 us per
-compiled call against 11-53 us eager); attention that keeps a prompt's keys once for its n samples
-(scored with batched matrix products: slower than SDPA in bf16, equal in fp32); two threads of half the
-rows each (the same tokens/s as one batch).
+step; attention capture batched over layers. Measured and not kept (2-core CPU, figures in the README):
+``torch.compile`` (of the whole one-token step with frozen weights: 12-15% faster at one row after a
+54-76 s compile, not faster at 32 rows, stale after a weight update, no attention capture; of the small
+operations between the products: 33-45 us per compiled call against 11-53 us eager); attention that keeps
+a prompt's keys once for its n samples (no faster than SDPA); two threads of half the rows each (the same
+tokens/s as one batch).
 """
 
 from __future__ import annotations
