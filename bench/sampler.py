@@ -8,8 +8,10 @@ ignored: `min_new_tokens` for generate, `ignore_eos=True` for the sampler). Each
 run per side; the table shows medians. Targets:
 
 - n=32 sampling: sampler tokens/s >= 4x generate(num_return_sequences=32, do_sample=True);
-- n=1 greedy:    sampler tokens/s >= 2x generate(do_sample=False)
-  (and llama.cpp on the same GGUF beside it when llama-cpp-python is installed);
+- n=1 greedy:    sampler tokens/s >= 2x generate(do_sample=False), plainly and with prompt lookup
+  (`--lookup` drafted tokens per pass, exact greedy: see the sampler's docstring); generate with its own
+  prompt lookup (`prompt_lookup_num_tokens`) is printed beside them, and llama.cpp on the same GGUF when
+  llama-cpp-python is installed;
 - capture:       greedy with `--heads` (30) captured heads takes <= 1.15x the time of the same decode without.
 
 The repetitions of the two sides of a ratio alternate (baseline, sampler, baseline, ...): this VM's speed
@@ -101,14 +103,21 @@ def bench_dtype(args, dtype: str, question: str) -> list[dict]:
     def generate_greedy(k):
         model.generate(input_ids, do_sample=False, max_new_tokens=k, min_new_tokens=k, **pad)
 
-    def sampler_greedy(k, chosen=sampler, capture=None):
-        chosen.generate(messages, greedy=True, max_new_tokens=k, ignore_eos=True, capture_heads=capture)
+    def generate_lookup(k):
+        model.generate(input_ids, do_sample=False, max_new_tokens=k, min_new_tokens=k,
+                       prompt_lookup_num_tokens=args.lookup, **pad)
 
-    def row(case, tokens, base_s, ours_s, target, lower_is_better=False):
+    def sampler_greedy(k, chosen=sampler, capture=None, lookup=0):
+        chosen.generate(messages, greedy=True, max_new_tokens=k, ignore_eos=True, capture_heads=capture,
+                        prompt_lookup=lookup)
+
+    def row(case, tokens, base_s, ours_s, target=None, lower_is_better=False):
+        """A table row; `target` None: a reference figure, ratio printed, no verdict."""
         ratio = ours_s / base_s if lower_is_better else base_s / ours_s
-        ok = ratio <= target if lower_is_better else ratio >= target
+        ok = None if target is None else (ratio <= target if lower_is_better else ratio >= target)
         rows.append(dict(dtype=dtype, case=case, baseline_tok_s=tokens / base_s, sampler_tok_s=tokens / ours_s,
-                         ratio=ratio, target=f"{'<=' if lower_is_better else '>='} {target}x", ok=ok))
+                         ratio=ratio, ok=ok, target="(reference)" if target is None else
+                         f"{'<=' if lower_is_better else '>='} {target}x"))
         print(f"  {dtype} {case}: baseline {base_s:.2f} s, sampler {ours_s:.2f} s", flush=True)
 
     def timed(*runs, reps=args.reps):
@@ -128,10 +137,16 @@ def bench_dtype(args, dtype: str, question: str) -> list[dict]:
                                                      for chosen in variants.values()])
         for name, seconds in zip(variants, ours_s):
             row(f"n={args.n} sampling{name}", args.n * steps, base_s, seconds, 4.0)
+        lookup_runs = [lambda k: sampler_greedy(k, lookup=args.lookup), generate_lookup] if args.lookup else []
         base_s, *ours_s = timed(generate_greedy, *[lambda k, chosen=chosen: sampler_greedy(k, chosen)
-                                                   for chosen in variants.values()], reps=greedy_reps)
+                                                   for chosen in variants.values()], *lookup_runs, reps=greedy_reps)
+        if args.lookup:
+            *ours_s, lookup_s, generate_lookup_s = ours_s
         for name, seconds in zip(variants, ours_s):
             row(f"n=1 greedy{name}", steps, base_s, seconds, 2.0)
+        if args.lookup:
+            row(f"n=1 greedy, prompt lookup {args.lookup}", steps, base_s, lookup_s, 2.0)
+            row(f"generate, prompt lookup {args.lookup}", steps, base_s, generate_lookup_s)
         row(f"greedy + {len(heads)} heads", steps,
             *timed(sampler_greedy, lambda k: sampler_greedy(k, capture=heads), reps=capture_reps), 1.15,
             lower_is_better=True)
@@ -159,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--lookup", type=int, default=5,
+                        help="drafted tokens per pass in the prompt-lookup greedy rows (0: leave those rows out)")
     parser.add_argument("--heads", type=int, default=30, help="captured (layer, head) pairs in the capture case")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)
@@ -188,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_dtype(args, dtype, question)
     print(f"after: {load_average()}\n")
 
-    header = f"{'dtype':<6} {'case':<32} {'baseline tok/s':>15} {'sampler tok/s':>14} {'ratio':>7} {'target':>10}  result"
+    header = f"{'dtype':<6} {'case':<32} {'baseline tok/s':>15} {'sampler tok/s':>14} {'ratio':>7} {'target':>11}  result"
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -196,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
         result = "" if row["ok"] is None else ("PASS" if row["ok"] else "MISS")
         print(f"{row['dtype']:<6} {row['case']:<32} {base:>15} {row['sampler_tok_s']:>14.1f} {ratio:>7} "
-              f"{row['target']:>10}  {result}")
-    print("baseline = transformers.generate, except in the capture row: the sampler without capture "
-          "(ratio = time with / time without)")
+              f"{row['target']:>11}  {result}")
+    print("baseline = transformers.generate (greedy rows: without prompt lookup), except in the capture row: the "
+          "sampler without capture (ratio = time with / time without), and in the 'generate, prompt lookup' row, where "
+          "generate with its own prompt lookup stands in the sampler's column")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from lightning_lab.inference.sampler import KVCache, SamplingParams, Sampler, sampling_weights
+from lightning_lab.inference.sampler import KVCache, SamplingParams, Sampler, lookup_draft, sampling_weights
 from lightning_lab.models.loading import LoadedModel, load_causal_lm
 
 PROMPTS = ["What is 2 + 3?", "Natalia sold clips to 48 of her friends in April.", "The answer"]
@@ -253,6 +253,74 @@ def test_append_forces_exactly_the_given_ids(tiny, sampler):
     assert torch.allclose(state.logits[-1], logits[-1], atol=1e-4)  # the next step continues after them
 
 
+# ---- prompt lookup --------------------------------------------------------------------------------
+
+
+def test_lookup_draft_copies_what_followed_the_latest_match():
+    context = [7, 1, 2, 3, 4, 5, 1, 2, 3, 8, 9, 2, 3]
+    assert lookup_draft(context, 2) == [8, 9]  # (9 2 3) never occurred before; (2 3) did, latest at index 7
+    assert lookup_draft(context + [1, 2, 3], 3) == [8, 9, 2]  # (1 2 3): its latest earlier occurrence wins
+    assert lookup_draft([5, 6, 7], 4) == [] and lookup_draft([4, 4], 0) == []
+    assert lookup_draft([3, 4, 5, 3], 5) == [4, 5, 3]  # a draft may run up to the end of the context
+    assert lookup_draft([6, 6, 6, 6, 6, 6], 3) == [6, 6, 6]  # the latest (6 6 6) is followed by one token only
+
+
+def test_prompt_lookup_gives_the_greedy_tokens_in_fewer_passes(tiny, sampler):
+    plain = sampler.generate(PROMPTS, greedy=True, max_new_tokens=40, chat=False, logprobs=True, entropy=True,
+                             margin=True)
+    shapes, handle = count_model_inputs(tiny.model)
+    try:
+        drafted = sampler.generate(PROMPTS, greedy=True, max_new_tokens=40, chat=False, logprobs=True, entropy=True,
+                                   margin=True, prompt_lookup=4)
+    finally:
+        handle.remove()
+    for ours, reference in zip(drafted.completions, plain.completions):
+        ours, reference = ours[0], reference[0]
+        assert ours.token_ids == reference.token_ids and ours.finish_reason == reference.finish_reason
+        for name in ("logprobs", "entropies", "margins"):
+            assert getattr(ours, name) == pytest.approx(getattr(reference, name), abs=1e-4)
+    assert [shape[0] for shape in shapes] == [1] * len(shapes)  # prompts one at a time
+    passes, tokens = len(shapes) - len(PROMPTS), drafted.timing.new_tokens  # decode passes, prefills left out
+    assert any(shape[1] > 1 for shape in shapes[1:]) and passes < tokens  # this model's drafts are mostly rejected
+
+
+def test_prompt_lookup_accepts_drafts_of_a_repetitive_model(tiny_llama_dir):
+    repetitive = Sampler(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32"))  # 0.02 init: loops
+    plain = repetitive.generate(PROMPTS[0], greedy=True, max_new_tokens=40, chat=False, ignore_eos=True)
+    shapes, handle = count_model_inputs(repetitive.model)
+    try:
+        drafted = repetitive.generate(PROMPTS[0], greedy=True, max_new_tokens=40, chat=False, ignore_eos=True,
+                                      prompt_lookup=4)
+    finally:
+        handle.remove()
+    assert drafted.completions[0][0].token_ids == plain.completions[0][0].token_ids
+    assert len(shapes) - 1 <= 40 // 2  # up to 5 tokens per decode pass (4 drafted + the model's own)
+
+
+def test_prompt_lookup_stops_and_ends_like_plain_greedy(tiny):
+    sampler = Sampler(tiny)
+    ids = sampler.generate(PROMPTS[1], greedy=True, max_new_tokens=30, chat=False, ignore_eos=True).prompts[0] \
+        .completions[0].token_ids
+    text = tiny.tokenizer.decode(ids)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    sampler.eos_ids = {ids[20]}  # pretend the 21st greedy token ends the sequence
+    reasons = []
+    for kwargs in (dict(stop=[stop]), dict(), dict(ignore_eos=True)):
+        plain, drafted = (sampler.generate(PROMPTS[1], greedy=True, max_new_tokens=30, chat=False, prompt_lookup=lookup,
+                                           **kwargs).prompts[0].completions[0] for lookup in (0, 3))
+        assert (drafted.token_ids, drafted.text, drafted.finish_reason, drafted.stop) == \
+               (plain.token_ids, plain.text, plain.finish_reason, plain.stop)
+        reasons.append(drafted.finish_reason)
+    assert reasons == ["stop", "eos", "length"]
+
+
+def test_prompt_lookup_refuses_what_it_cannot_do(sampler):
+    for kwargs in (dict(temperature=1.0), dict(greedy=True, n=2), dict(greedy=True, batch_size=2),
+                   dict(greedy=True, capture_heads=HEADS), dict(greedy=True, prompt_lookup=-1)):
+        with pytest.raises(ValueError, match="prompt_lookup"):
+            sampler.generate("x", chat=False, **{"prompt_lookup": 4, **kwargs})
+
+
 # ---- sampling ------------------------------------------------------------------------------------
 
 
@@ -390,7 +458,15 @@ def test_smollm2_greedy_equals_generate(gsm8k_path):
     out = sampler.generate(questions, greedy=True, max_new_tokens=32)
     prompt_ids = [result.prompt_token_ids for result in out.prompts]
     assert prompt_ids[0] == sampler.encode([{"role": "user", "content": questions[0]}])
-    assert [result.completions[0].token_ids for result in out.prompts] == hf_greedy(loaded, prompt_ids, 32)
+    expected = hf_greedy(loaded, prompt_ids, 32)
+    assert [result.completions[0].token_ids for result in out.prompts] == expected
+    shapes, handle = count_model_inputs(loaded.model)
+    try:
+        drafted = sampler.generate(questions, greedy=True, max_new_tokens=32, prompt_lookup=5)
+    finally:
+        handle.remove()
+    assert [result.completions[0].token_ids for result in drafted.prompts] == expected
+    assert len(shapes) - 2 < drafted.timing.new_tokens  # drafts accepted: fewer decode passes than tokens
 
 
 @pytest.mark.slow
