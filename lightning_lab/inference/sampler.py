@@ -83,17 +83,17 @@ written out with fewer operations (``llama_decoder.py``; ``llama_decoder=False``
 forward instead); every other model, and a model with adapter layers, through transformers' forward. In
 bf16 both give the same logits bit for bit.
 
-Speed (``bench/sampler.py`` measures it against ``transformers.generate``): shared prefill; the
-preallocated cache; the written-out forward; a 4D decode mask that keeps SDPA on its fast grouped-query
-path (`Sampler._decode_mask`); oneDNN-prepacked linear weights on CPU (``packed.py``, ``pack_weights``);
-batched on-device sampling with the top-k shortcut for top-p; dropping finished rows; one host sync per
-step; attention capture batched over layers; prompt lookup for greedy single sequences (opt-in). Measured and not kept (2-core CPU, figures in the README):
-``torch.compile`` (of the whole one-token step with frozen weights: 12-15% faster at one row after a
-54-76 s compile, not faster at 32 rows, stale after a weight update, no attention capture; of the small
-operations between the products: 33-45 us per compiled call against 11-53 us eager); attention that keeps
-a prompt's keys once for its n samples (4-12% off a 32-row step, bf16 logits then differ from transformers');
-two threads of half the rows each (the same tokens/s as one batch); a one-token attention kernel in C++ (14% off
-a 32-row step, but a compiler at first use and, again, other bf16 logits).
+Speed (``bench/sampler.py`` measures it against ``transformers.generate``): shared prefill; the preallocated
+cache; the written-out forward; a 4D decode mask that keeps SDPA on its fast grouped-query path
+(`Sampler._decode_mask`); oneDNN-prepacked linear weights on CPU (``packed.py``, ``pack_weights``); batched
+on-device sampling with the top-k shortcut for top-p; dropping finished rows; one host sync per step;
+attention capture batched over layers; prompt lookup for greedy single sequences (opt-in). Measured and not
+kept (2-core CPU, figures in the README): ``torch.compile`` (of the whole one-token step with frozen weights:
+12-15% faster at one row after a 54-76 s compile, not faster at 32 rows, stale after a weight update, no
+attention capture; of the small operations between the products: 33-45 us per compiled call against 11-53 us
+eager); attention that keeps a prompt's keys once for its n samples (4-12% off a 32-row step, bf16 logits then
+differ from transformers'); two threads of half the rows each (the same tokens/s as one batch); a one-token
+attention kernel in C++ (14% off a 32-row step, but a compiler at first use and, again, other bf16 logits).
 """
 
 from __future__ import annotations
@@ -781,7 +781,8 @@ class Sampler:
             results.append((completions, timing))
         return results
 
-    def _finish_reason(self, generated: list[int], stop: list[str], ignore_eos: bool, max_new_tokens: int) -> str | None:
+    def _finish_reason(self, generated: list[int], stop: list[str], ignore_eos: bool,
+                       max_new_tokens: int) -> str | None:
         """Why a sequence ends with its last token (see the module docstring), or None if it goes on."""
         if generated[-1] in self.eos_ids and not ignore_eos:
             return "eos"
@@ -817,7 +818,6 @@ class Sampler:
                            torch.arange(len(prompt_ids), device=self.device)[None], None)[0]
         prefill_s = time.perf_counter() - started
         generated, token_signals_of, finish, draft = [], [], None, []
-        decode_started = time.perf_counter()
         while True:
             # logits[j]: the next-token logits after the last chosen token (j = 0), then after draft[j - 1]
             choices = logits.argmax(dim=-1).tolist()
@@ -841,9 +841,9 @@ class Sampler:
             position = len(prompt_ids) + len(generated) - 1
             logits = self._run(fed, cache, torch.arange(position, position + fed.shape[1], device=self.device)[None],
                                None, logits_to_keep=fed.shape[1])[0]
-        decode_s, seconds = time.perf_counter() - decode_started, time.perf_counter() - started
+        seconds = time.perf_counter() - started
         completion = self._completion(generated, finish, stop, seconds, token_signals_of)
-        return completion, Timing(prefill_s, decode_s, len(prompt_ids), len(generated), 1)
+        return completion, Timing(prefill_s, seconds - prefill_s, len(prompt_ids), len(generated), 1)
 
     def _decode_mask(self, cache: Cache, mask: torch.Tensor, has_padding: bool) -> torch.Tensor | None:
         """The attention mask for one-token decode steps, to be cut to the cache length + 1.
