@@ -837,10 +837,8 @@ class Sampler:
                 break
             cache.crop(accepted - len(draft))
             draft = lookup_draft(prompt_ids + generated, min(draft_tokens, max_new_tokens - len(generated) - 1))
-            fed = torch.tensor([generated[-1:] + draft], device=self.device)
-            position = len(prompt_ids) + len(generated) - 1
-            logits = self._run(fed, cache, torch.arange(position, position + fed.shape[1], device=self.device)[None],
-                               None, logits_to_keep=fed.shape[1])[0]
+            logits = self._feed(torch.tensor(generated[-1:] + draft, device=self.device), cache,
+                                len(prompt_ids) + len(generated) - 1)
         seconds = time.perf_counter() - started
         completion = self._completion(generated, finish, stop, seconds, token_signals_of)
         return completion, Timing(prefill_s, seconds - prefill_s, len(prompt_ids), len(generated), 1)
@@ -880,6 +878,17 @@ class Sampler:
         if logits_to_keep and logits.shape[1] > logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return logits.float()
+
+    def _feed(self, tokens: torch.Tensor, cache: Cache, length: int,
+              capture: AttentionCapture | None = None) -> torch.Tensor:
+        """Feed `tokens` (1-D) to one sequence whose `cache` holds `length` positions; fp32 next-token logits
+        after each of them (tokens, vocab)."""
+        count = len(tokens)
+        positions = torch.arange(length, length + count, device=self.device)[None]
+        # one token: a 4D mask keeps SDPA on its fast grouped-query path (see _decode_mask); several: causal
+        mask = (torch.zeros(1, 1, 1, length + 1, dtype=self.dtype, device=self.device)
+                if count == 1 and self._takes_4d_mask(cache) else None)
+        return self._run(tokens[None], cache, positions, mask, logits_to_keep=count, capture=capture)[0]
 
     # ---- capture switching ----
 
@@ -949,13 +958,8 @@ class Sampler:
         """Feed `tokens` (1-D) after the state's sequence; record logits and signals for each."""
         count = len(tokens)
         previous_logits = torch.stack(state.logits[-1:], dim=0)
-        positions = torch.arange(state.length, state.length + count, device=self.device)[None]
-        # one token: a 4D mask keeps SDPA on its fast grouped-query path (see _decode_mask); several: causal
-        mask = (torch.zeros(1, 1, 1, state.length + 1, dtype=self.dtype, device=self.device)
-                if count == 1 and self._takes_4d_mask(state.cache) else None)
         with self._running(state.capture):
-            new_logits = self._run(tokens[None], state.cache, positions, mask, logits_to_keep=count,
-                                   capture=state.capture)[0]
+            new_logits = self._feed(tokens, state.cache, state.length, state.capture)
         # the distribution each token was drawn from: the state's last logits, then the new ones but the last
         before = torch.cat([previous_logits, new_logits[:-1]], dim=0)
         values = token_signals(before, tokens).tolist()
