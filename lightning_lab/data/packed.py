@@ -223,6 +223,11 @@ class PackedDataset(Dataset):
         return {**self.__dict__, "_tokens": None}
 
 
+def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Full global batches (``world_size * batch_size`` items) in one data epoch; the rest is left out."""
+    return num_samples // (batch_size * world_size)
+
+
 class EpochShuffleBatchSampler(Sampler[list[int]]):
     """Endless batches of indices into `num_samples` items, reshuffled every data epoch.
 
@@ -237,7 +242,7 @@ class EpochShuffleBatchSampler(Sampler[list[int]]):
                  rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not one of the {world_size} processes")
-        self.batches_per_epoch = num_samples // (batch_size * world_size)
+        self.batches_per_epoch = batches_per_epoch(num_samples, batch_size, world_size)
         if self.batches_per_epoch < 1:
             processes = f" on each of {world_size} processes" if world_size > 1 else ""
             raise ValueError(f"{num_samples} samples cannot fill one batch of {batch_size}{processes}")
@@ -327,7 +332,8 @@ class PackedDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         consumed = self.batches_consumed
-        epoch, batch_in_epoch = divmod(consumed, len(self.train_dataset) // (self.batch_size * self.world_size))
+        epoch, batch_in_epoch = divmod(consumed, batches_per_epoch(len(self.train_dataset), self.batch_size,
+                                                                   self.world_size))
         return {"batches_consumed": consumed, "epoch": epoch, "batch_in_epoch": batch_in_epoch, **self._order_settings()}
 
     def load_state_dict(self, state_dict: dict) -> None:
