@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -66,11 +67,16 @@ def hf_greedy(loaded: LoadedModel, prompt_ids: list[list[int]], max_new_tokens: 
     return rows
 
 
-def count_model_inputs(model) -> tuple[list[tuple[int, int]], object]:
-    """Shapes of every input_ids batch the model embeds (a forward pre-hook on the input embeddings)."""
+@contextlib.contextmanager
+def count_model_inputs(model):
+    """Yields the list of shapes of every input_ids batch the model embeds inside the block (a forward pre-hook
+    on the input embeddings, removed on exit)."""
     shapes = []
     handle = model.get_input_embeddings().register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
-    return shapes, handle
+    try:
+        yield shapes
+    finally:
+        handle.remove()
 
 
 # ---- greedy equals transformers.generate --------------------------------------------------------
@@ -98,11 +104,8 @@ def test_chat_prompts_go_through_the_template(tiny, sampler):
 
 
 def test_n_samples_share_one_prefill(tiny, sampler):
-    shapes, handle = count_model_inputs(tiny.model)
-    try:
+    with count_model_inputs(tiny.model) as shapes:
         out = sampler.generate(PROMPTS[:2], n=4, max_new_tokens=5, temperature=1.0, ignore_eos=True, chat=False)
-    finally:
-        handle.remove()
     width = max(len(result.prompt_token_ids) for result in out.prompts)
     assert shapes[0] == (2, width)  # both prompts, once each
     assert shapes[1:] == [(8, 1)] * 4  # then one token per sequence per step (the last token is never fed)
@@ -231,11 +234,8 @@ def test_step_api_signals_and_attention_equal_a_full_pass(tiny, sampler):
 def test_rollback_then_greedy_redecode_reproduces_tokens(tiny, sampler):
     state = sampler.start(PROMPTS[0], greedy=True, chat=False)
     first = [sampler.step(state).token_id for _ in range(8)]
-    shapes, handle = count_model_inputs(tiny.model)
-    try:
+    with count_model_inputs(tiny.model) as shapes:
         sampler.rollback(state, 3)
-    finally:
-        handle.remove()
     assert shapes == []  # no forward pass
     assert state.token_ids == first[:5] and state.cache.get_seq_length() == len(state.prompt_ids) + 5
     assert [sampler.step(state).token_id for _ in range(3)] == first[5:]
@@ -268,12 +268,9 @@ def test_lookup_draft_copies_what_followed_the_latest_match():
 def test_prompt_lookup_gives_the_greedy_tokens_in_fewer_passes(tiny, sampler):
     plain = sampler.generate(PROMPTS, greedy=True, max_new_tokens=40, chat=False, logprobs=True, entropy=True,
                              margin=True)
-    shapes, handle = count_model_inputs(tiny.model)
-    try:
+    with count_model_inputs(tiny.model) as shapes:
         drafted = sampler.generate(PROMPTS, greedy=True, max_new_tokens=40, chat=False, logprobs=True, entropy=True,
                                    margin=True, prompt_lookup=4)
-    finally:
-        handle.remove()
     for ours, reference in zip(drafted.completions, plain.completions):
         ours, reference = ours[0], reference[0]
         assert ours.token_ids == reference.token_ids and ours.finish_reason == reference.finish_reason
@@ -287,12 +284,9 @@ def test_prompt_lookup_gives_the_greedy_tokens_in_fewer_passes(tiny, sampler):
 def test_prompt_lookup_accepts_drafts_of_a_repetitive_model(tiny_llama_dir):
     repetitive = Sampler(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32"))  # 0.02 init: loops
     plain = repetitive.generate(PROMPTS[0], greedy=True, max_new_tokens=40, chat=False, ignore_eos=True)
-    shapes, handle = count_model_inputs(repetitive.model)
-    try:
+    with count_model_inputs(repetitive.model) as shapes:
         drafted = repetitive.generate(PROMPTS[0], greedy=True, max_new_tokens=40, chat=False, ignore_eos=True,
                                       prompt_lookup=4)
-    finally:
-        handle.remove()
     assert drafted.completions[0][0].token_ids == plain.completions[0][0].token_ids
     assert len(shapes) - 1 <= 40 // 2  # up to 5 tokens per decode pass (4 drafted + the model's own)
 
@@ -460,11 +454,8 @@ def test_smollm2_greedy_equals_generate(gsm8k_path):
     assert prompt_ids[0] == sampler.encode([{"role": "user", "content": questions[0]}])
     expected = hf_greedy(loaded, prompt_ids, 32)
     assert [result.completions[0].token_ids for result in out.prompts] == expected
-    shapes, handle = count_model_inputs(loaded.model)
-    try:
+    with count_model_inputs(loaded.model) as shapes:
         drafted = sampler.generate(questions, greedy=True, max_new_tokens=32, prompt_lookup=5)
-    finally:
-        handle.remove()
     assert [result.completions[0].token_ids for result in drafted.prompts] == expected
     assert len(shapes) - 2 < drafted.timing.new_tokens  # drafts accepted: fewer decode passes than tokens
 
