@@ -406,6 +406,36 @@ def test_llama_decoder_runs_qwen2_with_its_qkv_biases(tiny):
         assert mine.completions[0].logprobs == pytest.approx(reference.completions[0].logprobs, abs=1e-4)
 
 
+def test_a_sliding_window_model_decodes_on_a_dynamic_cache_and_refuses_prompt_lookup(tiny):
+    from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+    from lightning_lab.inference.sampler import new_cache
+
+    def tiny_qwen(sliding: bool) -> LoadedModel:
+        torch.manual_seed(0)
+        qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tiny.tokenizer), hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            use_sliding_window=sliding, sliding_window=4, max_window_layers=1)).eval()
+        qwen.generation_config.eos_token_id = tiny.model.generation_config.eos_token_id
+        return varied(LoadedModel(qwen, tiny.tokenizer, "qwen2", torch.device("cpu"), torch.float32))
+
+    loaded = tiny_qwen(sliding=True)
+    qwen = loaded.model
+    assert qwen.config.layer_types == ["full_attention", "sliding_attention"]
+    assert isinstance(new_cache(qwen.config, 8), DynamicCache)
+    sampler = Sampler(loaded)
+    assert sampler.decoder is None  # a sliding layer: transformers' forward
+    out = sampler.generate(PROMPTS, greedy=True, max_new_tokens=12, chat=False)
+    prompt_ids = [result.prompt_token_ids for result in out.prompts]
+    assert max(map(len, prompt_ids)) > 4  # the window cuts into a prompt, and into every 12-token answer
+    windowed = [result.completions[0].token_ids for result in out.prompts]
+    assert windowed == hf_greedy(loaded, prompt_ids, 12)
+    unwindowed = Sampler(tiny_qwen(sliding=False)).generate(PROMPTS, greedy=True, max_new_tokens=12, chat=False)
+    assert windowed != [result.completions[0].token_ids for result in unwindowed.prompts]  # the window is in effect
+    with pytest.raises(ValueError, match="prompt_lookup=3: Qwen2ForCausalLM has layers that are not full attention"):
+        sampler.generate(PROMPTS[0], greedy=True, chat=False, prompt_lookup=3)
+
+
 def test_models_the_decoder_cannot_run_fall_back_to_transformers(tiny):
     from lightning_lab.inference.llama_decoder import unsupported_reason
     from lightning_lab.models.gpt import LabGPTConfig, LabGPTForCausalLM

@@ -323,14 +323,17 @@ class KVCache(Cache):
         super().__init__(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
 
 
+def full_attention_layers(config) -> int | None:
+    """The number of layers when every one is plain full attention (the preallocated cache fits); else None."""
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return len(layer_types) if all(kind == "full_attention" for kind in layer_types) else None
+
+
 def new_cache(config, capacity: int) -> Cache:
     """The preallocated cache when every layer is plain full attention; transformers' `DynamicCache`
     (which knows sliding windows and other layer types) otherwise."""
-    text_config = config.get_text_config(decoder=True)
-    layer_types, _ = get_layer_types_and_kwargs(text_config)
-    if all(kind == "full_attention" for kind in layer_types):
-        return KVCache(len(layer_types), capacity)
-    return DynamicCache(config=config)
+    num_layers = full_attention_layers(config)
+    return KVCache(num_layers, capacity) if num_layers is not None else DynamicCache(config=config)
 
 
 # ---- attention capture --------------------------------------------------------------------------
@@ -632,10 +635,7 @@ class Sampler:
         batch_size = batch_size or max(1, ROWS_PER_BATCH // n)
         # which per-token signals to compute (None: none); log p comes with any of them
         signals = {"entropy": entropy, "margin": margin} if logprobs or entropy or margin else None
-        capture = (AttentionCapture(capture_heads, self.num_layers, self.num_heads, capture_rows)
-                   if capture_heads else None)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+        capture, generator = self._capture(capture_heads, capture_rows), self._generator(seed)
 
         encoded = [self.encode(prompt, chat) for prompt in prompts]
         empty = [index for index, ids in enumerate(encoded) if not ids]
@@ -674,6 +674,16 @@ class Sampler:
                     completion.margins = None
         return Generation(results, total, capture.heads if capture else None)
 
+    def _capture(self, heads: Sequence[tuple[int, int]] | None, rows: bool) -> AttentionCapture | None:
+        """The capture of `heads` (None when no heads are asked for)."""
+        return AttentionCapture(heads, self.num_layers, self.num_heads, rows) if heads else None
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        """The sampling generator: seeded with `seed`, or with a fresh seed when it is None."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+        return generator
+
     def _check_prompt_lookup(self, prompt_lookup: int, params: SamplingParams, n: int, capture_heads,
                              batch_size: int | None) -> None:
         if prompt_lookup < 0:
@@ -682,7 +692,7 @@ class Sampler:
             raise ValueError(f"prompt_lookup={prompt_lookup} works for greedy=True, n=1, batch_size=1 and no "
                              f"capture_heads (got greedy={params.greedy}, n={n}, batch_size={batch_size}, "
                              f"capture_heads={capture_heads})")
-        if not isinstance(new_cache(self.model.config, 1), KVCache):
+        if full_attention_layers(self.model.config) is None:
             raise ValueError(f"prompt_lookup={prompt_lookup}: {type(self.model).__name__} has layers that are not full "
                              "attention, whose cache cannot drop rejected draft tokens")
 
@@ -813,9 +823,8 @@ class Sampler:
         last chosen token and a draft of up to `draft_tokens` tokens copied from earlier in the sequence, keeps the
         draft tokens that the model's argmax agrees with, and crops the rest from the cache."""
         started = time.perf_counter()
-        cache = new_cache(self.model.config, len(prompt_ids) + max_new_tokens + draft_tokens + 1)
-        logits = self._run(torch.tensor([prompt_ids], device=self.device), cache,
-                           torch.arange(len(prompt_ids), device=self.device)[None], None)[0]
+        cache, logits = self._prefill(prompt_ids, len(prompt_ids) + max_new_tokens + draft_tokens + 1)
+        logits = logits[None]
         prefill_s = time.perf_counter() - started
         generated, token_signals_of, finish, draft = [], [], None, []
         while True:
@@ -879,6 +888,13 @@ class Sampler:
             logits = logits[:, -logits_to_keep:]
         return logits.float()
 
+    def _prefill(self, prompt_ids: list[int], capacity: int) -> tuple[Cache, torch.Tensor]:
+        """A new cache for `capacity` positions holding one prompt; the fp32 next-token logits after it (vocab,)."""
+        cache = new_cache(self.model.config, capacity)
+        positions = torch.arange(len(prompt_ids), device=self.device)[None]
+        logits = self._run(torch.tensor([prompt_ids], device=self.device), cache, positions, None)
+        return cache, logits[0, -1]
+
     def _feed(self, tokens: torch.Tensor, cache: Cache, length: int,
               capture: AttentionCapture | None = None) -> torch.Tensor:
         """Feed `tokens` (1-D) to one sequence whose `cache` holds `length` positions; fp32 next-token logits
@@ -912,17 +928,11 @@ class Sampler:
               capture_rows: bool = False, chat: bool | None = None) -> DecodeState:
         """Prefill one prompt and return the state that `step`, `rollback` and `append` work on."""
         prompt_ids = self.encode(prompt, chat)
-        capture = (AttentionCapture(capture_heads, self.num_layers, self.num_heads, capture_rows)
-                   if capture_heads else None)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
-        state = DecodeState(prompt_ids, new_cache(self.model.config, len(prompt_ids) + 256),
-                            SamplingParams(temperature, top_p, top_k, greedy), generator, capture)
-        input_ids = torch.tensor([prompt_ids], device=self.device)
-        positions = torch.arange(len(prompt_ids), device=self.device)[None]
+        capture, generator = self._capture(capture_heads, capture_rows), self._generator(seed)
         with self._running(None):  # prompt rows are not needed
-            state.logits.append(self._run(input_ids, state.cache, positions, None)[0, -1])
-        return state
+            cache, logits = self._prefill(prompt_ids, len(prompt_ids) + 256)
+        return DecodeState(prompt_ids, cache, SamplingParams(temperature, top_p, top_k, greedy), generator, capture,
+                           logits=[logits])
 
     @torch.inference_mode()
     def step(self, state: DecodeState) -> StepOutput:
