@@ -378,13 +378,21 @@ def test_llama_decoder_equals_transformers_forward(tiny_llama_dir, dtype):
     same(*forced)
 
 
-def test_llama_decoder_runs_qwen2_with_its_qkv_biases(tiny):
+def tiny_qwen2(tiny: LoadedModel, **settings) -> LoadedModel:
+    """A tiny random Qwen2 (fp32, varied weights) on the tiny model's tokenizer and EOS; `settings` go to its config."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tiny.tokenizer), hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
-    loaded = varied(LoadedModel(qwen, tiny.tokenizer, "qwen2", torch.device("cpu"), torch.float32))
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        **settings)).eval()
+    qwen.generation_config.eos_token_id = tiny.model.generation_config.eos_token_id
+    return varied(LoadedModel(qwen, tiny.tokenizer, "qwen2", torch.device("cpu"), torch.float32))
+
+
+def test_llama_decoder_runs_qwen2_with_its_qkv_biases(tiny):
+    loaded = tiny_qwen2(tiny)
+    qwen = loaded.model
     with torch.no_grad():  # biases that matter (transformers starts them at zero)
         for name, parameter in qwen.named_parameters():
             if name.endswith("bias"):
@@ -407,19 +415,11 @@ def test_llama_decoder_runs_qwen2_with_its_qkv_biases(tiny):
 
 
 def test_a_sliding_window_model_decodes_on_a_dynamic_cache_and_refuses_prompt_lookup(tiny):
-    from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+    from transformers import DynamicCache
 
     from lightning_lab.inference.sampler import new_cache
 
-    def tiny_qwen(sliding: bool) -> LoadedModel:
-        torch.manual_seed(0)
-        qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tiny.tokenizer), hidden_size=64, intermediate_size=128,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            use_sliding_window=sliding, sliding_window=4, max_window_layers=1)).eval()
-        qwen.generation_config.eos_token_id = tiny.model.generation_config.eos_token_id
-        return varied(LoadedModel(qwen, tiny.tokenizer, "qwen2", torch.device("cpu"), torch.float32))
-
-    loaded = tiny_qwen(sliding=True)
+    loaded = tiny_qwen2(tiny, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     qwen = loaded.model
     assert qwen.config.layer_types == ["full_attention", "sliding_attention"]
     assert isinstance(new_cache(qwen.config, 8), DynamicCache)
@@ -430,7 +430,7 @@ def test_a_sliding_window_model_decodes_on_a_dynamic_cache_and_refuses_prompt_lo
     assert max(map(len, prompt_ids)) > 4  # the window cuts into a prompt, and into every 12-token answer
     windowed = [result.completions[0].token_ids for result in out.prompts]
     assert windowed == hf_greedy(loaded, prompt_ids, 12)
-    unwindowed = Sampler(tiny_qwen(sliding=False)).generate(PROMPTS, greedy=True, max_new_tokens=12, chat=False)
+    unwindowed = Sampler(tiny_qwen2(tiny)).generate(PROMPTS, greedy=True, max_new_tokens=12, chat=False)
     assert windowed != [result.completions[0].token_ids for result in unwindowed.prompts]  # the window is in effect
     with pytest.raises(ValueError, match="prompt_lookup=3: Qwen2ForCausalLM has layers that are not full attention"):
         sampler.generate(PROMPTS[0], greedy=True, chat=False, prompt_lookup=3)
