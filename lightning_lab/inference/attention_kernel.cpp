@@ -1,0 +1,190 @@
+// One-token attention for CPU decoding: each row's query heads attend to the keys and values in its KV cache.
+//
+// torch's SDPA runs a flash-attention kernel built for long sequences; at one query per row it spends most of a
+// decode step's attention time setting up ~100 tiny blocks per layer (32 rows x 3 key/value heads). This file
+// does the same arithmetic directly: one task per (row, key/value head), its group of query heads scored
+// against every key, softmax and the weighted sum of values, all in fp32 whatever the cache's dtype.
+//
+// Shared prefix: after one prefill is copied to n rows, their first `prefix` positions are identical. A row
+// may then read those positions from a source row (`prefix_rows`) instead of its own copy, so that the
+// prompt's keys and values come from memory once per group of rows rather than once per row.
+//
+// Lanes: 16 fp32 values. With AVX-512 they are one register; elsewhere (or built with LAB_PORTABLE) a plain
+// array whose loops the compiler vectorises. The algorithm below is written once against these few functions.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && !defined(LAB_PORTABLE)
+#include <immintrin.h>
+#define LAB_AVX512 1
+#endif
+
+namespace {
+
+inline float widen(float x) { return x; }
+inline float widen(c10::BFloat16 x) {  // a bf16 is the top half of an fp32
+  const uint32_t bits = uint32_t(x.x) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof result);
+  return result;
+}
+
+#ifdef LAB_AVX512
+using Lanes = __m512;
+inline Lanes load_lanes(const float* p) { return _mm512_loadu_ps(p); }
+inline Lanes load_lanes(const c10::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline Lanes broadcast(float x) { return _mm512_set1_ps(x); }
+inline Lanes multiply(Lanes a, Lanes b) { return _mm512_mul_ps(a, b); }
+inline Lanes add(Lanes a, Lanes b) { return _mm512_add_ps(a, b); }
+inline Lanes multiply_add(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
+inline float sum(Lanes a) { return _mm512_reduce_add_ps(a); }
+inline void store(float* p, Lanes a) { _mm512_storeu_ps(p, a); }
+#else
+struct Lanes { float v[16]; };
+template <typename scalar_t>
+inline Lanes load_lanes(const scalar_t* p) { Lanes r; for (int e = 0; e < 16; ++e) r.v[e] = widen(p[e]); return r; }
+inline Lanes broadcast(float x) { Lanes r; for (int e = 0; e < 16; ++e) r.v[e] = x; return r; }
+inline Lanes multiply(Lanes a, Lanes b) { for (int e = 0; e < 16; ++e) a.v[e] *= b.v[e]; return a; }
+inline Lanes add(Lanes a, Lanes b) { for (int e = 0; e < 16; ++e) a.v[e] += b.v[e]; return a; }
+inline Lanes multiply_add(Lanes a, Lanes b, Lanes c) { for (int e = 0; e < 16; ++e) c.v[e] += a.v[e] * b.v[e]; return c; }
+inline float sum(Lanes a) { float s = 0.f; for (int e = 0; e < 16; ++e) s += a.v[e]; return s; }
+inline void store(float* p, Lanes a) { std::memcpy(p, a.v, sizeof a.v); }
+#endif
+
+// Where one task reads: its own row's keys/values, and the first `prefix` positions from the source row.
+template <typename scalar_t>
+struct Rows {
+  const scalar_t *keys, *values, *prefix_keys, *prefix_values;
+  int64_t prefix;
+  const scalar_t* key(int64_t j, int dim) const { return (j < prefix ? prefix_keys : keys) + j * dim; }
+  const scalar_t* value(int64_t j, int dim) const { return (j < prefix ? prefix_values : values) + j * dim; }
+};
+
+// The `groups` query heads of one key/value head of one row, over `length` positions; head_dim = 16 * C.
+// `scores` has room for `length` floats.
+template <typename scalar_t, int C>
+void attend_head(const scalar_t* query, int64_t query_stride, int64_t groups, const Rows<scalar_t>& rows,
+                 int64_t length, const scalar_t* mask, float scale, float* scores, scalar_t* out, int64_t out_stride) {
+  constexpr int D = 16 * C;
+  for (int64_t i = 0; i < groups; ++i) {
+    Lanes q[C];
+    for (int c = 0; c < C; ++c) q[c] = multiply(load_lanes(query + i * query_stride + 16 * c), broadcast(scale));
+    for (int64_t j = 0; j < length; ++j) {
+      const scalar_t* key = rows.key(j, D);
+      Lanes dot = multiply(q[0], load_lanes(key));
+      for (int c = 1; c < C; ++c) dot = multiply_add(q[c], load_lanes(key + 16 * c), dot);
+      scores[j] = sum(dot);
+    }
+    if (mask)
+      for (int64_t j = 0; j < length; ++j) scores[j] += widen(mask[j]);
+    float top = -INFINITY;
+    for (int64_t j = 0; j < length; ++j) top = std::max(top, scores[j]);
+    float total = 0.f;
+    for (int64_t j = 0; j < length; ++j) {
+      scores[j] = std::exp(scores[j] - top);
+      total += scores[j];
+    }
+    // two sums, even and odd positions: consecutive positions' products do not wait on each other
+    Lanes even[C], odd[C];
+    for (int c = 0; c < C; ++c) even[c] = odd[c] = broadcast(0.f);
+    int64_t j = 0;
+    for (; j + 1 < length; j += 2) {
+      const scalar_t *first = rows.value(j, D), *second = rows.value(j + 1, D);
+      const Lanes p = broadcast(scores[j]), p_next = broadcast(scores[j + 1]);
+      for (int c = 0; c < C; ++c) {
+        even[c] = multiply_add(p, load_lanes(first + 16 * c), even[c]);
+        odd[c] = multiply_add(p_next, load_lanes(second + 16 * c), odd[c]);
+      }
+    }
+    if (j < length) {
+      const Lanes p = broadcast(scores[j]);
+      for (int c = 0; c < C; ++c) even[c] = multiply_add(p, load_lanes(rows.value(j, D) + 16 * c), even[c]);
+    }
+    float result[D];
+    for (int c = 0; c < C; ++c) store(result + 16 * c, multiply(add(even[c], odd[c]), broadcast(1.f / total)));
+    for (int e = 0; e < D; ++e) out[i * out_stride + e] = static_cast<scalar_t>(result[e]);
+  }
+}
+
+template <typename scalar_t, int C>
+void attend(const torch::Tensor& query, const torch::Tensor& keys, const torch::Tensor& values,
+            const torch::Tensor& mask, const torch::Tensor& prefix_rows, int64_t prefix, double scale,
+            torch::Tensor& out) {
+  const int64_t kv_heads = query.size(1), groups = query.size(2), length = keys.size(2);
+  const scalar_t* k = keys.data_ptr<scalar_t>();
+  const scalar_t* v = values.data_ptr<scalar_t>();
+  const int64_t* source = prefix_rows.defined() ? prefix_rows.data_ptr<int64_t>() : nullptr;
+  at::parallel_for(0, query.size(0) * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(length);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / kv_heads, head = task % kv_heads, from = source ? source[row] : row;
+      const Rows<scalar_t> rows{k + row * keys.stride(0) + head * keys.stride(1),
+                                v + row * values.stride(0) + head * values.stride(1),
+                                k + from * keys.stride(0) + head * keys.stride(1),
+                                v + from * values.stride(0) + head * values.stride(1), source ? prefix : 0};
+      attend_head<scalar_t, C>(query.data_ptr<scalar_t>() + row * query.stride(0) + head * query.stride(1),
+                               query.stride(2), groups, rows, length,
+                               mask.defined() ? mask.data_ptr<scalar_t>() + row * mask.stride(0) : nullptr,
+                               float(scale), scores.data(),
+                               out.data_ptr<scalar_t>() + row * out.stride(0) + head * out.stride(1), out.stride(2));
+    }
+  });
+}
+
+}  // namespace
+
+// query (rows, kv_heads, groups, head_dim); keys, values (rows, kv_heads, length, head_dim), each position's
+// head_dim values contiguous and positions adjacent; mask: additive (rows, length) in the query's dtype, or
+// none; prefix_rows (rows,) int64: row r reads positions [0, prefix) from row prefix_rows[r]. Returns the
+// attention output (rows, kv_heads, groups, head_dim).
+torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor values,
+                               c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> prefix_rows,
+                               int64_t prefix, double scale) {
+  const int64_t dim = query.size(3);
+  TORCH_CHECK(query.device().is_cpu(), "decode_attention runs on CPU tensors");
+  TORCH_CHECK(query.dim() == 4 && keys.dim() == 4 && values.dim() == 4, "query, keys and values must be 4-D");
+  TORCH_CHECK(keys.scalar_type() == query.scalar_type() && values.scalar_type() == query.scalar_type(),
+              "query, keys and values must share a dtype");
+  TORCH_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1 && keys.stride(2) == dim &&
+              values.stride(2) == dim, "each position's head_dim values must be contiguous, positions adjacent");
+  TORCH_CHECK(keys.size(0) == query.size(0) && keys.size(1) == query.size(1) && keys.size(3) == dim &&
+              values.sizes() == keys.sizes(), "shapes do not match");
+  torch::Tensor additive = mask.has_value() ? *mask : torch::Tensor();
+  if (additive.defined())
+    TORCH_CHECK(additive.dim() == 2 && additive.size(0) == query.size(0) && additive.size(1) == keys.size(2) &&
+                additive.stride(1) == 1 && additive.scalar_type() == query.scalar_type(),
+                "mask must be (rows, length), contiguous in length, in the query's dtype");
+  torch::Tensor sources = prefix_rows.has_value() ? prefix_rows->contiguous() : torch::Tensor();
+  if (sources.defined())
+    TORCH_CHECK(sources.scalar_type() == torch::kLong && sources.numel() == query.size(0) && prefix >= 0 &&
+                prefix <= keys.size(2), "prefix_rows must be (rows,) int64 and prefix within the length");
+  auto out = torch::empty(query.sizes(), query.options());
+  auto run = [&](auto zero) {
+    using scalar_t = decltype(zero);
+    switch (dim) {  // one build per head size: the loops over a head's values unroll into registers
+      case 16: attend<scalar_t, 1>(query, keys, values, additive, sources, prefix, scale, out); break;
+      case 32: attend<scalar_t, 2>(query, keys, values, additive, sources, prefix, scale, out); break;
+      case 64: attend<scalar_t, 4>(query, keys, values, additive, sources, prefix, scale, out); break;
+      case 128: attend<scalar_t, 8>(query, keys, values, additive, sources, prefix, scale, out); break;
+      default: TORCH_CHECK(false, "head_dim ", dim, " is not 16, 32, 64 or 128");
+    }
+  };
+  if (query.scalar_type() == at::kBFloat16) run(c10::BFloat16());
+  else if (query.scalar_type() == at::kFloat) run(0.f);
+  else TORCH_CHECK(false, "dtype ", query.scalar_type(), " is not bfloat16 or float32");
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("decode_attention", &decode_attention, "One-token attention over a KV cache (see the source).");
+}

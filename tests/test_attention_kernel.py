@@ -1,0 +1,76 @@
+"""The CPU attention kernel (attention_kernel.cpp) against attention computed in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_lab.inference import attention_kernel
+
+pytestmark = pytest.mark.skipif(attention_kernel.load() is None, reason="the CPU attention kernel did not build")
+# what one rounding of the output to the dtype allows, and fp32 sums in another order
+TOLERANCE = {torch.bfloat16: 2 ** -7, torch.float32: 1e-5}
+
+
+def random_cache(rows: int, kv_heads: int, groups: int, length: int, head_dim: int, dtype, capacity: int = 40):
+    """A query and keys/values laid out as a KVCache holds them: views of the first `length` of `capacity`."""
+    query = torch.randn(rows, kv_heads, groups, head_dim).to(dtype)
+    keys = torch.randn(rows, kv_heads, capacity, head_dim).to(dtype)[:, :, :length]
+    values = torch.randn(rows, kv_heads, capacity, head_dim).to(dtype)[:, :, :length]
+    return query, keys, values
+
+
+def exact_attention(query, keys, values, mask, scale):
+    """softmax(q k^T * scale + mask) v in float64 (rows, kv_heads, groups, head_dim)."""
+    scores = query.double() @ keys.double().transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores + mask.double()[:, None, None, :]
+    return scores.softmax(-1) @ values.double()
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("head_dim, groups", [(16, 1), (64, 3), (128, 2)])
+def test_kernel_equals_exact_attention(portable, dtype, head_dim, groups):
+    """Both builds (AVX-512 where the CPU has it, and the plain loops other CPUs get), with a padding mask."""
+    torch.manual_seed(head_dim)
+    query, keys, values = random_cache(rows=3, kv_heads=2, groups=groups, length=29, head_dim=head_dim, dtype=dtype)
+    mask = torch.zeros(3, 40, dtype=dtype)
+    mask[1, :5] = torch.finfo(dtype).min  # row 1 is left-padded by 5
+    mask = mask[:, :29]
+    out = attention_kernel.decode_attention(query, keys, values, mask, 0.125, portable=portable)
+    assert out.shape == query.shape and out.dtype == dtype
+    expected = exact_attention(query, keys, values, mask, 0.125)
+    assert torch.allclose(out.double(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    unmasked = exact_attention(query, keys, values, None, 0.125)
+    assert not torch.allclose(out[1].double(), unmasked[1], atol=10 * TOLERANCE[dtype])  # the mask took effect
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+def test_a_shared_prefix_is_read_from_the_source_row(portable):
+    """Rows 1 and 2 are copies of row 0 in their first 12 positions: told so, the kernel reads those positions
+    from row 0, so garbage in the copies' own prefix changes nothing; their later positions are their own."""
+    torch.manual_seed(0)
+    query, keys, values = random_cache(rows=4, kv_heads=2, groups=3, length=20, head_dim=64, dtype=torch.float32)
+    keys[1:3, :, :12], values[1:3, :, :12] = keys[0, :, :12], values[0, :, :12]
+    expected = attention_kernel.decode_attention(query, keys, values, None, 0.125, portable=portable)
+    keys[1:3, :, :12], values[1:3, :, :12] = 1e4, -1e4
+    sources = torch.tensor([0, 0, 0, 3])
+    shared = attention_kernel.decode_attention(query, keys, values, None, 0.125, shared_prefix=(sources, 12),
+                                               portable=portable)
+    assert torch.equal(shared, expected)
+    keys[1, :, 15] = 1e4  # a position past the prefix is the row's own
+    assert not torch.equal(attention_kernel.decode_attention(query, keys, values, None, 0.125,
+                                                             shared_prefix=(sources, 12))[1], expected[1])
+
+
+def test_bad_inputs_are_refused_with_the_reason():
+    query, keys, values = random_cache(rows=2, kv_heads=1, groups=2, length=5, head_dim=64, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        attention_kernel.decode_attention(query, keys.double(), values, None, 0.125)
+    with pytest.raises(RuntimeError, match="head_dim 48"):
+        attention_kernel.decode_attention(*(t[..., :48].contiguous() for t in (query, keys, values)), None, 0.125)
+    with pytest.raises(RuntimeError, match="mask must be"):
+        attention_kernel.decode_attention(query, keys, values, torch.zeros(2, 4), 0.125)
+    with pytest.raises(RuntimeError, match="prefix_rows"):
+        attention_kernel.decode_attention(query, keys, values, None, 0.125, shared_prefix=(torch.tensor([0, 0]), 9))
