@@ -58,10 +58,11 @@ def test_a_shared_prefix_is_read_from_the_source_row(portable):
     sources = torch.tensor([0, 0, 0, 3])
     shared = attention_kernel.decode_attention(query, keys, values, None, 0.125, shared_prefix=(sources, 12),
                                                portable=portable)
-    assert torch.equal(shared, expected)
+    # equal up to the order of fp32 sums (the build is free to reorder them, and may per code path)
+    assert torch.allclose(shared, expected, atol=1e-6)
     keys[1, :, 15] = 1e4  # a position past the prefix is the row's own
-    assert not torch.equal(attention_kernel.decode_attention(query, keys, values, None, 0.125,
-                                                             shared_prefix=(sources, 12))[1], expected[1])
+    assert not torch.allclose(attention_kernel.decode_attention(query, keys, values, None, 0.125,
+                                                                shared_prefix=(sources, 12))[1], expected[1])
 
 
 def test_bad_inputs_are_refused_with_the_reason():
