@@ -523,6 +523,14 @@ def test_models_the_decoder_cannot_run_fall_back_to_transformers(tiny):
     assert Sampler(lab_loaded).decoder is None
     with pytest.raises(ValueError, match="llama_decoder=True.*model_type"):
         Sampler(lab_loaded, llama_decoder=True)
+    with pytest.raises(ValueError, match="attention_kernel=True.*model_type"):  # the kernel runs in the decoder
+        Sampler(lab_loaded, attention_kernel=True)
+    with pytest.raises(ValueError, match="attention_kernel=True.*llama_decoder=False"):
+        Sampler(tiny, llama_decoder=False, attention_kernel=True)
+    decoder = Sampler(tiny).decoder
+    with pytest.raises(ValueError, match="attention_kernel=True.*torch.float16"):  # a dtype the kernel lacks
+        decoder._use_kernel(True, torch.zeros(1, dtype=torch.float16))
+    assert not decoder._use_kernel(None, torch.zeros(1, dtype=torch.float16))  # the default falls back to SDPA
 
 
 # ---- the lab GPT ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import platform
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -47,7 +48,8 @@ def load(portable: bool = False):
     ``portable``: the plain C++ loops even where AVX-512 is available (tests compare the two)."""
     from torch.utils import cpp_extension
 
-    name = "lightning_lab_attention" + ("_portable" if portable else "")
+    # torch's version in the name: a library built against other torch headers is rebuilt, not loaded
+    name = "lightning_lab_attention_" + re.sub(r"\W", "_", torch.__version__) + ("_portable" if portable else "")
     flags = build_flags(portable)
     try:
         log.info("building %s (C++, once per machine; ~40 s)", name)

@@ -19,9 +19,11 @@ same function from the same weights with fewer operations:
 With ``attention_kernel=False``, in bf16 the logits equal transformers' bit for bit; in fp32 they differ in the
 last bits where the prepacked products sum in another order (`tests/test_sampler.py` checks both). The kernel
 computes attention in fp32 where SDPA rounds the softmax to bf16 before the values, so in bf16 its logits differ
-from transformers' by bf16 rounding. `Sampler` uses it for every
-model that `unsupported_reason` accepts (Llama, Qwen2 and models built like them, full attention only, plain
-`nn.Linear` layers: a peft adapter's layers are not) and transformers' forward otherwise.
+from transformers' by bf16 rounding.
+
+`Sampler` uses the decoder for every model that `unsupported_reason` accepts (Llama, Qwen2 and models built
+like them, full attention only, plain `nn.Linear` layers: a peft adapter's layers are not) and transformers'
+forward otherwise.
 """
 
 from __future__ import annotations
