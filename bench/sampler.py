@@ -17,7 +17,7 @@ run per side; the table shows medians. Targets:
 The repetitions of the two sides of a ratio alternate (baseline, sampler, baseline, ...): this VM's speed
 drifts by tens of percent within minutes, and timing one side after the other would fold that drift
 into the ratio. ``--levers`` adds the sampler without its prepacked linear weights, the sampler with
-SDPA instead of its CPU attention kernel (``attention_kernel=False``), and the sampler on transformers'
+SDPA instead of its CPU attention kernel (``cpu_kernels=False``), and the sampler on transformers'
 forward instead of the written-out Llama forward (`LlamaDecoder`). The machine's load
 (`uptime`) is printed before and after: other processes on a small CPU make every number here noisy
 (with 2 threads, an oversubscribed CPU slows OpenMP code by up to 10x).
@@ -132,7 +132,7 @@ def bench_dtype(args, dtype: str, question: str) -> list[dict]:
     variants = {"": sampler}
     if args.levers:
         variants[" unpacked"] = Sampler(loaded, pack_weights=False)
-        variants[" SDPA attention"] = Sampler(loaded, attention_kernel=False)
+        variants[" SDPA attention"] = Sampler(loaded, cpu_kernels=False)
         variants[" transformers fwd"] = Sampler(loaded, llama_decoder=False)
     with torch.inference_mode():
         base_s, *ours_s = timed(generate_sampling, *[lambda k, chosen=chosen: sampler_sampling(k, chosen)

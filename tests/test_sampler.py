@@ -9,15 +9,15 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from lightning_lab.inference import attention_kernel
+from lightning_lab.inference import cpu_kernels
 from lightning_lab.inference.sampler import KVCache, SamplingParams, Sampler, lookup_draft, sampling_weights
 from lightning_lab.models.loading import LoadedModel, load_causal_lm
 
 PROMPTS = ["What is 2 + 3?", "Natalia sold clips to 48 of her friends in April.", "The answer"]
 HEADS = [(1, 3), (0, 0), (1, 1)]  # deliberately not in layer order; head 3 shares a kv head with head 2
-# the CPU attention kernel builds wherever torch's C++ extensions do (a compiler and ninja); the decoder's
-# default then uses it, so every test of the decoder below runs it (the tiny models' head_dim is 16)
-needs_kernel = pytest.mark.skipif(attention_kernel.load() is None, reason="the CPU attention kernel did not build")
+# the CPU kernels build wherever torch's C++ extensions do (a compiler and ninja); the decoder's default then
+# uses them, so every test of the decoder below runs them (the tiny models' head_dim is 16)
+needs_kernel = pytest.mark.skipif(cpu_kernels.load() is None, reason="the CPU kernels did not build")
 
 
 def varied(loaded: LoadedModel, std: float = 0.3, seed: int = 0) -> LoadedModel:
@@ -169,7 +169,7 @@ def test_samples_that_finish_apart_read_the_shared_prompt_right(tiny, monkeypatc
     from lightning_lab.inference import llama_decoder
 
     calls = []
-    original = llama_decoder.kernel.decode_attention
+    original = llama_decoder.kernels.decode_attention
 
     def checked(query, keys, values, mask, scale, shared_prefix=None, **kwargs):
         if shared_prefix is not None:
@@ -178,8 +178,8 @@ def test_samples_that_finish_apart_read_the_shared_prompt_right(tiny, monkeypatc
             calls.append(len(sources))
         return original(query, keys, values, mask, scale, shared_prefix, **kwargs)
 
-    monkeypatch.setattr(llama_decoder.kernel, "decode_attention", checked)
-    sampler = Sampler(tiny, attention_kernel=True)
+    monkeypatch.setattr(llama_decoder.kernels, "decode_attention", checked)
+    sampler = Sampler(tiny, cpu_kernels=True)
     out = sampler.generate(PROMPTS[:2], n=5, max_new_tokens=12, temperature=1.0, seed=0, chat=False, logprobs=True,
                            stop=["e", "a"])
     assert calls[0] == 10 and min(calls) < 10  # all rows at first, fewer once some stopped
@@ -396,10 +396,10 @@ def test_invalid_arguments_name_the_argument(sampler):
                                            ("fp32", False)])
 def test_llama_decoder_equals_transformers_forward(tiny_llama_dir, dtype, kernel):
     """Left-padded prefill, one-token steps, and several tokens appended to a cache: the same numbers on both
-    engines (bf16 with SDPA: bit for bit; fp32: to rounding, the packed products and the attention kernel sum
-    in another order). bf16 with the kernel: `test_bf16_attention_kernel_is_as_close_to_fp32_as_sdpa`."""
+    engines (bf16 without the CPU kernels: bit for bit; fp32: to rounding, the packed products and the kernels
+    sum in another order). bf16 with the kernels: `test_bf16_cpu_kernels_are_as_close_to_fp32_as_torch`."""
     loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype=dtype), seed=2)
-    ours, theirs = Sampler(loaded, attention_kernel=kernel), Sampler(loaded, llama_decoder=False)
+    ours, theirs = Sampler(loaded, cpu_kernels=kernel), Sampler(loaded, llama_decoder=False)
     assert ours.decoder is not None and theirs.decoder is None
 
     def same(a: list[float], b: list[float]):
@@ -416,7 +416,6 @@ def test_llama_decoder_equals_transformers_forward(tiny_llama_dir, dtype, kernel
         state = sampler.start(PROMPTS[1], greedy=True, chat=False)
         forced.append([sampler.step(state).logprob] + [o.logprob for o in sampler.append(state, [5, 17, 42])])
     same(*forced)
-
 
 
 def fp32_twin(loaded: LoadedModel, source: str) -> torch.nn.Module:
@@ -437,22 +436,24 @@ def distance_from_fp32(exact: torch.nn.Module, prompt_ids: list[int], completion
     return (torch.tensor(completion.logprobs) - reference).abs().max().item()
 
 
-def assert_kernel_as_close_as_sdpa(exact: torch.nn.Module, with_kernel, with_sdpa) -> None:
-    """In bf16 the kernel's numbers are not SDPA's (it keeps the softmax in fp32 where SDPA rounds the
-    probabilities to bf16): the same greedy tokens, and log-probs no further from the fp32 model's than SDPA's."""
-    for kernel_result, sdpa_result in zip(with_kernel.prompts, with_sdpa.prompts):
-        assert kernel_result.completions[0].token_ids == sdpa_result.completions[0].token_ids
-        kernel_gap, sdpa_gap = (distance_from_fp32(exact, result.prompt_token_ids, result.completions[0])
-                                for result in (kernel_result, sdpa_result))
-        assert kernel_gap <= 1.1 * sdpa_gap + 1e-3, (kernel_gap, sdpa_gap)
+def assert_kernels_as_close_as_torch(exact: torch.nn.Module, with_kernels, with_torch) -> None:
+    """In bf16 the CPU kernels' numbers are not torch's (attention keeps the softmax in fp32 where SDPA rounds
+    the probabilities to bf16; a norm sums its squares in another order): the same greedy tokens, and
+    log-probs no further from the fp32 model's than torch's."""
+    for kernel_result, torch_result in zip(with_kernels.prompts, with_torch.prompts):
+        assert kernel_result.completions[0].token_ids == torch_result.completions[0].token_ids
+        kernel_gap, torch_gap = (distance_from_fp32(exact, result.prompt_token_ids, result.completions[0])
+                                 for result in (kernel_result, torch_result))
+        assert kernel_gap <= 1.1 * torch_gap + 1e-3, (kernel_gap, torch_gap)
 
 
 @needs_kernel
-def test_bf16_attention_kernel_is_as_close_to_fp32_as_sdpa(tiny_llama_dir):
+def test_bf16_cpu_kernels_are_as_close_to_fp32_as_torch(tiny_llama_dir):
     loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="bf16"), seed=2)
-    runs = [Sampler(loaded, attention_kernel=kernel).generate(PROMPTS, greedy=True, max_new_tokens=10, chat=False,
-                                                              logprobs=True) for kernel in (True, False)]
-    assert_kernel_as_close_as_sdpa(fp32_twin(loaded, str(tiny_llama_dir)), *runs)
+    runs = [Sampler(loaded, cpu_kernels=kernels).generate(PROMPTS, greedy=True, max_new_tokens=10, chat=False,
+                                                           logprobs=True) for kernels in (True, False)]
+    assert_kernels_as_close_as_torch(fp32_twin(loaded, str(tiny_llama_dir)), *runs)
+
 
 def tiny_qwen2(tiny: LoadedModel, **settings) -> LoadedModel:
     """A tiny random Qwen2 (fp32, varied weights) on the tiny model's tokenizer and EOS; `settings` go to its config."""
@@ -523,14 +524,14 @@ def test_models_the_decoder_cannot_run_fall_back_to_transformers(tiny):
     assert Sampler(lab_loaded).decoder is None
     with pytest.raises(ValueError, match="llama_decoder=True.*model_type"):
         Sampler(lab_loaded, llama_decoder=True)
-    with pytest.raises(ValueError, match="attention_kernel=True.*model_type"):  # the kernel runs in the decoder
-        Sampler(lab_loaded, attention_kernel=True)
-    with pytest.raises(ValueError, match="attention_kernel=True.*llama_decoder=False"):
-        Sampler(tiny, llama_decoder=False, attention_kernel=True)
+    with pytest.raises(ValueError, match="cpu_kernels=True.*model_type"):  # the kernels run in the decoder
+        Sampler(lab_loaded, cpu_kernels=True)
+    with pytest.raises(ValueError, match="cpu_kernels=True.*llama_decoder=False"):
+        Sampler(tiny, llama_decoder=False, cpu_kernels=True)
     decoder = Sampler(tiny).decoder
-    with pytest.raises(ValueError, match="attention_kernel=True.*torch.float16"):  # a dtype the kernel lacks
-        decoder._use_kernel(True, torch.zeros(1, dtype=torch.float16))
-    assert not decoder._use_kernel(None, torch.zeros(1, dtype=torch.float16))  # the default falls back to SDPA
+    with pytest.raises(ValueError, match="cpu_kernels=True.*torch.float16"):  # a dtype the kernels lack
+        decoder._use_kernels(True, torch.zeros(1, dtype=torch.float16))
+    assert not decoder._use_kernels(None, torch.zeros(1, dtype=torch.float16))  # the default: torch's operations
 
 
 # ---- the lab GPT ---------------------------------------------------------------------------------
@@ -578,13 +579,13 @@ def test_smollm2_greedy_equals_generate(gsm8k_path):
 def test_smollm2_bf16_decoder_equals_transformers_forward(gsm8k_path):
     loaded = load_causal_lm("smollm2-135m", device="cpu", dtype="bf16")
     question = json.loads(gsm8k_path.open().readline())["question"]
-    engines = [dict(llama_decoder=True, attention_kernel=False), dict(llama_decoder=False), dict()]
+    engines = [dict(llama_decoder=True, cpu_kernels=False), dict(llama_decoder=False), dict()]
     outs = [Sampler(loaded, **engine).generate(question, greedy=True, max_new_tokens=24, logprobs=True)
             for engine in engines]
     mine, reference = (out.prompts[0].completions[0] for out in outs[:2])
     assert mine.token_ids == reference.token_ids and mine.logprobs == reference.logprobs
-    # the default: the attention kernel where it builds
-    assert_kernel_as_close_as_sdpa(fp32_twin(loaded, "smollm2-135m"), outs[2], outs[0])
+    # the default: the CPU kernels where they build
+    assert_kernels_as_close_as_torch(fp32_twin(loaded, "smollm2-135m"), outs[2], outs[0])
 
 
 def test_a_peft_model_decodes_through_its_base_with_the_adapter_on(tiny_llama_dir):

@@ -10,16 +10,17 @@ same function from the same weights with fewer operations:
 - one product for q, k and v and one for gate and up (weights concatenated once; on CPU prepacked for
   oneDNN, see ``packed.py``); the concatenated products are the same dot products;
 - cos/sin of the rotary embedding looked up in a table that the model's own rotary module filled;
-- RMSNorm as one kernel (computed in fp32, rounded once, times the weight: transformers' rounding);
-- attention: one-token steps on CPU use the kernel of ``attention_kernel.cpp`` when it builds (``attention_kernel``
+- RMSNorm computed in fp32, rounded once, times the weight (transformers' rounding): `F.rms_norm`, or on CPU
+  one pass of ``cpu_kernels.cpp``;
+- attention: one-token steps on CPU use the kernel of ``cpu_kernels.cpp`` when it builds (``cpu_kernels``
   below), which reads a prompt shared by several rows once (`KVCache.shared_prefix`); elsewhere SDPA with
   queries grouped per key/value head (its fast CPU path, see `Sampler._decode_mask`). Several tokens use SDPA
   with an explicit causal + padding mask.
 
-With ``attention_kernel=False``, in bf16 the logits equal transformers' bit for bit; in fp32 they differ in the
-last bits where the prepacked products sum in another order (`tests/test_sampler.py` checks both). The kernel
-computes attention in fp32 where SDPA rounds the softmax to bf16 before the values, so in bf16 its logits differ
-from transformers' by bf16 rounding.
+With ``cpu_kernels=False``, in bf16 the logits equal transformers' bit for bit; in fp32 they differ in the
+last bits where the prepacked products sum in another order (`tests/test_sampler.py` checks both). The kernels
+compute attention in fp32 where SDPA rounds the softmax to bf16 before the values, and sum a norm's squares in
+another order, so in bf16 their logits differ from transformers' by bf16 rounding.
 
 `Sampler` uses the decoder for every model that `unsupported_reason` accepts (Llama, Qwen2 and models built
 like them, full attention only, plain `nn.Linear` layers: a peft adapter's layers are not) and transformers'
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from lightning_lab.inference import attention_kernel as kernel
+from lightning_lab.inference import cpu_kernels as kernels
 from lightning_lab.inference import packed
 from lightning_lab.inference.packed import FusedLinear
 
@@ -124,14 +125,15 @@ class LlamaDecoder:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Cache,
                 attention_mask: torch.Tensor | None, logits_to_keep: int = 1, capture=None,
-                attention_kernel: bool | None = None) -> torch.Tensor:
+                cpu_kernels: bool | None = None) -> torch.Tensor:
         """Feed `input_ids` (rows, tokens) at `positions` (rows, tokens) after what `cache` holds.
 
         ``attention_mask``: None (no padding), the 2D padding mask (rows, cache length + tokens; True = real
         token) or, for one token, an additive (rows, 1, 1, cache length + 1) mask. ``capture``: an
-        `AttentionCapture`, given each captured layer's queries and keys. ``attention_kernel``: one-token steps
-        through the CPU kernel (None: when it builds and takes the model's head size and dtype; True: an error
-        if it cannot; False: SDPA). Returns fp32 logits of the last ``logits_to_keep`` positions (0: all)."""
+        `AttentionCapture`, given each captured layer's queries and keys. ``cpu_kernels``: the norms, and the
+        attention of one-token steps, through ``cpu_kernels.cpp`` (None: when it builds and takes the model's
+        dtype and head size; True: an error if it cannot; False: torch's operations). Returns fp32 logits of the
+        last ``logits_to_keep`` positions (0: all)."""
         rows, tokens = input_ids.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         hidden = self.model.model.embed_tokens(input_ids)
@@ -139,49 +141,50 @@ class LlamaDecoder:
         cos_table, sin_table = self._rotary_table(length, dtype)
         cos, sin = cos_table[positions][:, None], sin_table[positions][:, None]  # (rows, 1, tokens, head_dim)
         mask, causal = self._mask(attention_mask, rows, tokens, length, dtype, hidden.device)
-        use_kernel = tokens == 1 and self._use_kernel(attention_kernel, hidden)
+        use_kernels = self._use_kernels(cpu_kernels, hidden)
+        norm = kernel_rms_norm if use_kernels else rms_norm
         for index, layer in enumerate(self.layers):
-            x = rms_norm(hidden, layer["input_norm"])
+            x = norm(hidden, layer["input_norm"])
             qkv = layer["qkv"](x).view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
             query_key = rotate(qkv[:, :heads + kv_heads], cos, sin)  # (rows, heads + kv_heads, tokens, head_dim)
             query, key = query_key[:, :heads], query_key[:, heads:]
             attended = self._attend(index, query, key, qkv[:, heads + kv_heads:], cache, mask, causal, capture,
-                                    use_kernel)
+                                    use_kernels)
             hidden = hidden + layer["out"](attended)
-            gate_up = layer["gate_up"](rms_norm(hidden, layer["post_attention_norm"]))
+            gate_up = layer["gate_up"](norm(hidden, layer["post_attention_norm"]))
             gate, up = gate_up[..., :layer["intermediate"]], gate_up[..., layer["intermediate"]:]
             hidden = hidden + layer["down"](layer["act"](gate) * up)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.head(rms_norm(hidden, self.model.model.norm)).float()
+        return self.head(norm(hidden, self.model.model.norm)).float()
 
-    def _use_kernel(self, attention_kernel: bool | None, hidden: torch.Tensor) -> bool:
-        """Whether one-token steps go through the CPU attention kernel (see `forward`)."""
-        if attention_kernel is False:
+    def _use_kernels(self, cpu_kernels: bool | None, hidden: torch.Tensor) -> bool:
+        """Whether this pass runs the CPU kernels (see `forward`)."""
+        if cpu_kernels is False:
             return False
-        if not kernel.supports(hidden, self.head_dim):
-            if attention_kernel:
-                raise ValueError(f"attention_kernel=True, but the kernel takes CPU bf16/fp32 with head_dim in "
-                                 f"{kernel.HEAD_DIMS}, not {hidden.device.type} {hidden.dtype} head_dim {self.head_dim}")
+        if not kernels.supports(hidden, self.head_dim):
+            if cpu_kernels:
+                raise ValueError(f"cpu_kernels=True, but they take CPU bf16/fp32 with head_dim in {kernels.HEAD_DIMS}, "
+                                 f"not {hidden.device.type} {hidden.dtype} head_dim {self.head_dim}")
             return False
-        if kernel.load() is None:
-            if attention_kernel:
-                raise RuntimeError("attention_kernel=True, but the CPU attention kernel did not build (see the warning)")
+        if kernels.load() is None:
+            if cpu_kernels:
+                raise RuntimeError("cpu_kernels=True, but the CPU kernels did not build (see the warning)")
             return False
         return True
 
     def _attend(self, index: int, query, key, value, cache: Cache, mask, causal: bool, capture,
-                use_kernel: bool = False) -> torch.Tensor:
+                use_kernels: bool = False) -> torch.Tensor:
         """Append key and value to the cache's layer `index`; the attention output (rows, tokens, heads * head_dim)."""
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         rows, tokens = query.shape[0], query.shape[2]
         keys, values = cache.update(key, value, index)
         if capture is not None and index in capture.heads_by_layer:
             capture.record(self.layers[index]["attention"], query, keys, mask, self.scaling)
-        if use_kernel:
-            attended = kernel.decode_attention(query.reshape(rows, kv_heads, heads // kv_heads, head_dim), keys, values,
-                                               None if mask is None else mask[:, 0, 0], self.scaling,
-                                               getattr(cache, "shared_prefix", None))
+        if use_kernels and tokens == 1:
+            attended = kernels.decode_attention(query.reshape(rows, kv_heads, heads // kv_heads, head_dim), keys,
+                                                values, None if mask is None else mask[:, 0, 0], self.scaling,
+                                                getattr(cache, "shared_prefix", None))
         elif tokens == 1 and heads != kv_heads:  # group the query heads of each key/value head: SDPA's fast CPU path
             attended = F.scaled_dot_product_attention(query.reshape(rows, kv_heads, heads // kv_heads, head_dim),
                                                       keys, values, attn_mask=mask, scale=self.scaling)
@@ -222,6 +225,11 @@ def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalise in fp32, cast back to the input dtype, then scale. (`F.rms_norm`
     computes a bf16 input in fp32 and rounds once, which is that first step, without two casts around it.)"""
     return F.rms_norm(x, (x.shape[-1],), eps=norm.variance_epsilon) * norm.weight
+
+
+def kernel_rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """`rms_norm` in one pass of ``cpu_kernels.cpp`` (the same rounding steps; the sum of squares in another order)."""
+    return kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

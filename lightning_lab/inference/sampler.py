@@ -80,20 +80,23 @@ depend on the seed, only on the arithmetic; the step-wise API draws from its own
 
 Engines: Llama-family models (SmolLM2 among them) run through `LlamaDecoder`, the same forward pass
 written out with fewer operations (``llama_decoder.py``; ``llama_decoder=False`` uses transformers'
-forward instead); every other model, and a model with adapter layers, through transformers' forward. In
-bf16 both give the same logits bit for bit.
+forward instead); every other model, and a model with adapter layers, through transformers' forward. On
+CPU the decoder runs its norms and one-token attention through ``cpu_kernels.cpp`` when it builds
+(``cpu_kernels``); with ``cpu_kernels=False`` both engines give the same bf16 logits bit for bit, with the
+kernels they differ by bf16 rounding.
 
 Speed (``bench/sampler.py`` measures it against ``transformers.generate``): shared prefill; the preallocated
 cache; the written-out forward; a 4D decode mask that keeps SDPA on its fast grouped-query path
-(`Sampler._decode_mask`); oneDNN-prepacked linear weights on CPU (``packed.py``, ``pack_weights``); batched
+(`Sampler._decode_mask`); oneDNN-prepacked linear weights on CPU (``packed.py``, ``pack_weights``); CPU
+kernels for one-token attention (the n samples of a prompt read its keys once, `KVCache.shared_prefix`) and
+RMSNorm (``cpu_kernels.cpp``, ``cpu_kernels``); batched
 on-device sampling with the top-k shortcut for top-p; dropping finished rows; one host sync per step;
 attention capture batched over layers; prompt lookup for greedy single sequences (opt-in). Measured and not
 kept (2-core CPU, figures in the README): ``torch.compile`` (of the whole one-token step with frozen weights:
 12-15% faster at one row after a 54-76 s compile, not faster at 32 rows, stale after a weight update, no
 attention capture; of the small operations between the products: 33-45 us per compiled call against 11-53 us
-eager); attention that keeps a prompt's keys once for its n samples (4-12% off a 32-row step, bf16 logits then
-differ from transformers'); two threads of half the rows each (the same tokens/s as one batch); a one-token
-attention kernel in C++ (14% off a 32-row step, but a compiler at first use and, again, other bf16 logits).
+eager); SDPA over a prompt's keys once for its n samples, merged by log-sum-exp (4-12% off a 32-row step; the
+attention kernel does this better); two threads of half the rows each (the same tokens/s as one batch).
 """
 
 from __future__ import annotations
@@ -580,13 +583,13 @@ class Sampler:
 
     ``pack_weights``: prepack linear weights for oneDNN (default: on CPU). ``llama_decoder``: run the
     written-out Llama forward (default: when the model supports it; True makes an unsupported model an error).
-    ``attention_kernel``: the decoder's one-token steps on CPU through ``attention_kernel.cpp`` (default: when it
-    builds and takes the model; True makes that an error otherwise; False keeps SDPA, whose bf16 logits equal
-    transformers' bit for bit).
+    ``cpu_kernels``: the decoder's norms and one-token attention on CPU through ``cpu_kernels.cpp`` (default:
+    when it builds and takes the model; True makes that an error otherwise; False keeps torch's operations,
+    whose bf16 logits equal transformers' bit for bit).
     """
 
     def __init__(self, loaded, pack_weights: bool | None = None, llama_decoder: bool | None = None,
-                 attention_kernel: bool | None = None):
+                 cpu_kernels: bool | None = None):
         model = loaded.model
         if hasattr(model, "get_base_model"):  # a peft model: its base holds the adapter layers and takes every argument
             model = model.get_base_model()
@@ -615,10 +618,10 @@ class Sampler:
         self.decoder = None
         if llama_decoder is not False and reason is None:
             self.decoder = LlamaDecoder.of(self.model, pack_weights)
-        if attention_kernel and self.decoder is None:
-            raise ValueError("attention_kernel=True needs the written-out decoder, which does not run "
+        if cpu_kernels and self.decoder is None:
+            raise ValueError("cpu_kernels=True needs the written-out decoder, which does not run "
                              f"{type(self.model).__name__}" + (f": {reason}" if reason else " with llama_decoder=False"))
-        self.attention_kernel = attention_kernel
+        self.cpu_kernels = cpu_kernels
         self.packed = PackedLinears.of(self.model) if pack_weights and self.decoder is None else None
         # attention modules by layer, for attaching a capture (transformers' convention: `layer_idx`, `head_dim`)
         self.attention_modules = {}
@@ -923,7 +926,7 @@ class Sampler:
         Inside `_running(capture)`: transformers' forward finds the capture on its attention modules."""
         if self.decoder is not None:
             return self.decoder.forward(input_ids, position_ids, cache, attention_mask, logits_to_keep, capture,
-                                        self.attention_kernel)
+                                        self.cpu_kernels)
         kwargs = {self._cache_argument: cache, "use_cache": True}
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep

@@ -1,15 +1,16 @@
-"""The one-token CPU attention kernel of ``attention_kernel.cpp``, compiled on first use.
+"""The decoder's CPU kernels (``cpu_kernels.cpp``: one-token attention, RMSNorm), compiled on first use.
 
-`LlamaDecoder` calls `decode_attention` for one-token decode steps on CPU when the kernel builds; elsewhere
-(CUDA, MPS, no C++ compiler) it keeps torch's SDPA. The build (torch's `cpp_extension.load`: a C++ compiler
-and ninja) takes ~40 s once; the library is then cached under torch's extension directory
-(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and loads in well under a second.
-``python -m lightning_lab.inference.attention_kernel`` builds it ahead of time (the Makefile does).
+`LlamaDecoder` calls them on CPU when they build: `decode_attention` for one-token steps, `rms_norm` for
+every norm; elsewhere (CUDA, MPS, no C++ compiler) it keeps torch's SDPA and `F.rms_norm`. The build (torch's
+`cpp_extension.load`: a C++ compiler and ninja) takes ~40 s once; the library is then cached under torch's
+extension directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and loads in well under
+a second. ``python -m lightning_lab.inference.cpu_kernels`` builds it ahead of time (the Makefile does).
 
-Why a kernel of our own, measured on the 2-core development CPU (bf16, SmolLM2-135M, 32 rows sharing a
+Why kernels of our own, measured on the 2-core development CPU (bf16, SmolLM2-135M, 32 rows sharing a
 69-token prompt): SDPA's CPU kernel takes ~20 ms of a ~75 ms decode step, most of it spent per tiny block;
-this one takes a third to a half of that, and reading the prompt's positions once per group of rows (the
-shared prefix, see the C++ source) saves more. The README's sampler section has the figures.
+the attention kernel takes a third to a half of that, and reading the prompt's positions once per group of
+rows (the shared prefix, see the C++ source) saves more. The 61 RMSNorms of a step take ~4 ms as torch
+operations. The README's sampler section has the figures.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("attention_kernel.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.bfloat16, torch.float32)
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def load(portable: bool = False):
     from torch.utils import cpp_extension
 
     # torch's version in the name: a library built against other torch headers is rebuilt, not loaded
-    name = "lightning_lab_attention_" + re.sub(r"\W", "_", torch.__version__) + ("_portable" if portable else "")
+    name = "lightning_lab_cpu_kernels_" + re.sub(r"\W", "_", torch.__version__) + ("_portable" if portable else "")
     flags = build_flags(portable)
     try:
         log.info("building %s (C++, once per machine; ~40 s)", name)
@@ -58,14 +59,22 @@ def load(portable: bool = False):
     except Exception as error:  # no compiler, no ninja, a compiler that rejects a flag: SDPA then
         lines = str(error).strip().splitlines() or [""]
         reason = next((line for line in lines if "error" in line.lower() and "Error building" not in line), lines[-1])
-        warnings.warn(f"the CPU attention kernel ({SOURCE.name}) did not build, so decoding uses torch's SDPA: "
+        warnings.warn(f"the CPU kernels ({SOURCE.name}) did not build, so decoding uses torch's own operations: "
                       f"{type(error).__name__}: {reason.strip()}", stacklevel=2)
         return None
 
 
 def supports(tensor: torch.Tensor, head_dim: int) -> bool:
-    """Whether the kernel takes attention over `tensor`'s device and dtype: CPU, bf16 or fp32, head_dim in HEAD_DIMS."""
+    """Whether the kernels take a model with `tensor`'s device and dtype: CPU, bf16 or fp32, head_dim in HEAD_DIMS."""
     return tensor.device.type == "cpu" and tensor.dtype in DTYPES and head_dim in HEAD_DIMS
+
+
+def compiled(portable: bool = False):
+    """The compiled module; a RuntimeError where it did not build (`load` has warned why)."""
+    module = load(portable)
+    if module is None:
+        raise RuntimeError(f"the CPU kernels ({SOURCE.name}) are not available on this machine")
+    return module
 
 
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -77,13 +86,17 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     length, head_dim) as a `KVCache` holds them; mask: additive (rows, length) or None; shared_prefix
     (source rows (rows,) int64, length): row r's first `length` positions are read from row source[r].
     Returns (rows, kv_heads, groups, head_dim) in the query's dtype."""
-    module = load(portable)
-    if module is None:
-        raise RuntimeError(f"the CPU attention kernel ({SOURCE.name}) is not available on this machine")
     rows, prefix = shared_prefix if shared_prefix is not None else (None, 0)
-    return module.decode_attention(query, keys, values, mask, rows, prefix, scale)
+    return compiled(portable).decode_attention(query, keys, values, mask, rows, prefix, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, portable: bool = False) -> torch.Tensor:
+    """transformers' LlamaRMSNorm over the last dimension, in one pass: normalised in fp32, rounded to x's dtype,
+    times the weight, rounded again. The sum of squares adds in another order than torch's, so in bf16 an
+    element now and then rounds the other way."""
+    return compiled(portable).rms_norm(x, weight, eps)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print("CPU attention kernel:", "built" if load() is not None else "not available (decoding uses SDPA)")
+    print("CPU kernels:", "built" if load() is not None else "not available (decoding uses torch's own operations)")

@@ -1,13 +1,13 @@
-"""The CPU attention kernel (attention_kernel.cpp) against attention computed in float64."""
+"""The CPU kernels (cpu_kernels.cpp): attention against float64, RMSNorm against transformers'."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lightning_lab.inference import attention_kernel
+from lightning_lab.inference import cpu_kernels
 
-pytestmark = pytest.mark.skipif(attention_kernel.load() is None, reason="the CPU attention kernel did not build")
+pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="the CPU kernels did not build")
 # what one rounding of the output to the dtype allows, and fp32 sums in another order
 TOLERANCE = {torch.bfloat16: 2 ** -7, torch.float32: 1e-5}
 
@@ -38,7 +38,7 @@ def test_kernel_equals_exact_attention(portable, dtype, head_dim, groups):
     mask = torch.zeros(3, 40, dtype=dtype)
     mask[1, :5] = torch.finfo(dtype).min  # row 1 is left-padded by 5
     mask = mask[:, :29]
-    out = attention_kernel.decode_attention(query, keys, values, mask, 0.125, portable=portable)
+    out = cpu_kernels.decode_attention(query, keys, values, mask, 0.125, portable=portable)
     assert out.shape == query.shape and out.dtype == dtype
     expected = exact_attention(query, keys, values, mask, 0.125)
     assert torch.allclose(out.double(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
@@ -53,25 +53,51 @@ def test_a_shared_prefix_is_read_from_the_source_row(portable):
     torch.manual_seed(0)
     query, keys, values = random_cache(rows=4, kv_heads=2, groups=3, length=20, head_dim=64, dtype=torch.float32)
     keys[1:3, :, :12], values[1:3, :, :12] = keys[0, :, :12], values[0, :, :12]
-    expected = attention_kernel.decode_attention(query, keys, values, None, 0.125, portable=portable)
+    expected = cpu_kernels.decode_attention(query, keys, values, None, 0.125, portable=portable)
     keys[1:3, :, :12], values[1:3, :, :12] = 1e4, -1e4
     sources = torch.tensor([0, 0, 0, 3])
-    shared = attention_kernel.decode_attention(query, keys, values, None, 0.125, shared_prefix=(sources, 12),
+    shared = cpu_kernels.decode_attention(query, keys, values, None, 0.125, shared_prefix=(sources, 12),
                                                portable=portable)
     # equal up to the order of fp32 sums (the build is free to reorder them, and may per code path)
     assert torch.allclose(shared, expected, atol=1e-6)
     keys[1, :, 15] = 1e4  # a position past the prefix is the row's own
-    assert not torch.allclose(attention_kernel.decode_attention(query, keys, values, None, 0.125,
+    assert not torch.allclose(cpu_kernels.decode_attention(query, keys, values, None, 0.125,
                                                                 shared_prefix=(sources, 12))[1], expected[1])
 
 
 def test_bad_inputs_are_refused_with_the_reason():
     query, keys, values = random_cache(rows=2, kv_heads=1, groups=2, length=5, head_dim=64, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="share a dtype"):
-        attention_kernel.decode_attention(query, keys.double(), values, None, 0.125)
+        cpu_kernels.decode_attention(query, keys.double(), values, None, 0.125)
     with pytest.raises(RuntimeError, match="head_dim 48"):
-        attention_kernel.decode_attention(*(t[..., :48].contiguous() for t in (query, keys, values)), None, 0.125)
+        cpu_kernels.decode_attention(*(t[..., :48].contiguous() for t in (query, keys, values)), None, 0.125)
     with pytest.raises(RuntimeError, match="mask must be"):
-        attention_kernel.decode_attention(query, keys, values, torch.zeros(2, 4), 0.125)
+        cpu_kernels.decode_attention(query, keys, values, torch.zeros(2, 4), 0.125)
     with pytest.raises(RuntimeError, match="prefix_rows"):
-        attention_kernel.decode_attention(query, keys, values, None, 0.125, shared_prefix=(torch.tensor([0, 0]), 9))
+        cpu_kernels.decode_attention(query, keys, values, None, 0.125, shared_prefix=(torch.tensor([0, 0]), 9))
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_rms_norm_equals_transformers(portable, dtype):
+    """transformers' LlamaRMSNorm, rounding for rounding: fp32 to the order of the sums; bf16 the same values
+    but for the odd element whose fp32 sum of squares, added in another order, rounds the other way."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(1)
+    norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.5)
+    x = (torch.randn(32, 3, 576) * 4).to(dtype)
+    with torch.no_grad():
+        expected = norm(x)
+    out = cpu_kernels.rms_norm(x, norm.weight.detach(), norm.variance_epsilon, portable=portable)
+    assert out.shape == x.shape and out.dtype == dtype
+    if dtype == torch.float32:
+        assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+    else:
+        differ = out != expected
+        assert differ.float().mean() < 1e-3
+        assert torch.allclose(out.float(), expected.float(), rtol=2 ** -7, atol=0)  # one bf16 step at most
+    with pytest.raises(RuntimeError, match="weight must be"):
+        cpu_kernels.rms_norm(x, norm.weight.detach()[:100], 1e-5)
