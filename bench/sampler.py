@@ -17,8 +17,8 @@ run per side; the table shows medians. Targets:
 The repetitions of the two sides of a ratio alternate (baseline, sampler, baseline, ...): this VM's speed
 drifts by tens of percent within minutes, and timing one side after the other would fold that drift
 into the ratio. ``--levers`` adds the sampler without its prepacked linear weights, the sampler with
-SDPA instead of its CPU attention kernel (``cpu_kernels=False``), and the sampler on transformers'
-forward instead of the written-out Llama forward (`LlamaDecoder`). The machine's load
+torch's operations instead of its CPU kernels (``cpu_kernels=False``: SDPA, `F.rms_norm`), and the sampler
+on transformers' forward instead of the written-out Llama forward (`LlamaDecoder`). The machine's load
 (`uptime`) is printed before and after: other processes on a small CPU make every number here noisy
 (with 2 threads, an oversubscribed CPU slows OpenMP code by up to 10x).
 Run it without ``OMP_WAIT_POLICY=PASSIVE`` (what `make test` sets): sleeping OpenMP threads add a
@@ -128,11 +128,11 @@ def bench_dtype(args, dtype: str, question: str) -> list[dict]:
     capture_reps = max(args.reps, 9)  # a ~3% difference under this VM's drift needs the most
 
     # the sampler, and with --levers the sampler with one lever taken away: prepacked weights, the CPU
-    # attention kernel (SDPA instead), or the written-out Llama forward (transformers' forward instead)
+    # kernels (torch's operations instead), or the written-out Llama forward (transformers' forward instead)
     variants = {"": sampler}
     if args.levers:
         variants[" unpacked"] = Sampler(loaded, pack_weights=False)
-        variants[" SDPA attention"] = Sampler(loaded, cpu_kernels=False)
+        variants[" no CPU kernels"] = Sampler(loaded, cpu_kernels=False)
         variants[" transformers fwd"] = Sampler(loaded, llama_decoder=False)
     with torch.inference_mode():
         base_s, *ours_s = timed(generate_sampling, *[lambda k, chosen=chosen: sampler_sampling(k, chosen)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     parser.add_argument("--levers", action="store_true",
-                        help="also time the sampler without each lever: prepacked weights, attention kernel, decoder")
+                        help="also time the sampler without each lever: prepacked weights, CPU kernels, decoder")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
