@@ -53,10 +53,10 @@ def load(portable: bool = False):
     name = "lightning_lab_cpu_kernels_" + re.sub(r"\W", "_", torch.__version__) + ("_portable" if portable else "")
     flags = build_flags(portable)
     try:
-        log.info("building %s (C++, once per machine; ~40 s)", name)
+        log.info("loading %s (compiled from C++ the first time: ~40 s)", name)
         return cpp_extension.load(name, sources=[str(SOURCE)], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [])
-    except Exception as error:  # no compiler, no ninja, a compiler that rejects a flag: SDPA then
+    except Exception as error:  # no compiler, no ninja, a compiler that rejects a flag: torch's operations then
         lines = str(error).strip().splitlines() or [""]
         reason = next((line for line in lines if "error" in line.lower() and "Error building" not in line), lines[-1])
         warnings.warn(f"the CPU kernels ({SOURCE.name}) did not build, so decoding uses torch's own operations: "
