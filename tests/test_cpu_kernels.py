@@ -75,6 +75,8 @@ def test_bad_inputs_are_refused_with_the_reason():
         cpu_kernels.decode_attention(query, keys, values, torch.zeros(2, 4), 0.125)
     with pytest.raises(RuntimeError, match="prefix_rows"):
         cpu_kernels.decode_attention(query, keys, values, None, 0.125, shared_prefix=(torch.tensor([0, 0]), 9))
+    with pytest.raises(RuntimeError, match=r"prefix_rows\[1\] = 2 is not a row"):
+        cpu_kernels.decode_attention(query, keys, values, None, 0.125, shared_prefix=(torch.tensor([0, 2]), 3))
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])

@@ -187,9 +187,14 @@ torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::T
                 additive.stride(1) == 1 && additive.scalar_type() == query.scalar_type(),
                 "mask must be (rows, length), contiguous in length, in the query's dtype");
   torch::Tensor sources = prefix_rows.has_value() ? prefix_rows->contiguous() : torch::Tensor();
-  if (sources.defined())
+  if (sources.defined()) {
     TORCH_CHECK(sources.scalar_type() == torch::kLong && sources.numel() == query.size(0) && prefix >= 0 &&
                 prefix <= keys.size(2), "prefix_rows must be (rows,) int64 and prefix within the length");
+    const int64_t* source = sources.data_ptr<int64_t>();
+    for (int64_t row = 0; row < sources.numel(); ++row)
+      TORCH_CHECK(source[row] >= 0 && source[row] < query.size(0), "prefix_rows[", row, "] = ", source[row],
+                  " is not a row");
+  }
   auto out = torch::empty(query.sizes(), query.options());
   auto run = [&](auto zero) {
     using scalar_t = decltype(zero);
