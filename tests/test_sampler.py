@@ -158,6 +158,10 @@ def test_cache_repeat_and_select_keep_the_rows_and_what_they_share():
     cache.crop(-6)
     assert cache.get_seq_length() == 2 and torch.equal(cache.layers[0].keys, keys[[1, 1, 0], :, :2])
     assert cache.shared_prefix[1] == 2
+    cache.crop(-2)  # nothing in common any more; the rows then diverge, and a new repeat groups by today's rows
+    cache.update(torch.randn(3, 1, 1, 2), torch.randn(3, 1, 1, 2), 0)
+    cache.batch_repeat_interleave(2)
+    assert cache.shared_prefix[0].tolist() == [0, 0, 2, 2, 4, 4] and cache.shared_prefix[1] == 1
     cache.reset()
     assert cache.shared_prefix is None
 

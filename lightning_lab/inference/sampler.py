@@ -353,10 +353,10 @@ class KVCache(Cache):
         self._share(None, 0)
 
     def _share(self, copied_from: torch.Tensor | None, length: int) -> None:
-        self.copied_from = copied_from
-        if copied_from is None or length == 0:
-            self.shared_prefix = None
+        if copied_from is None or length == 0:  # nothing in common: the rows' copy history no longer matters
+            self.copied_from = self.shared_prefix = None
             return
+        self.copied_from = copied_from
         # each row reads the common part from the first row that is a copy of the same row
         same = copied_from[None, :] == copied_from[:, None]
         self.shared_prefix = (same.int().argmax(dim=1), length)
