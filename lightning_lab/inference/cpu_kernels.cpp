@@ -171,9 +171,9 @@ void attend(const torch::Tensor& query, const torch::Tensor& keys, const torch::
 torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor values,
                                c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> prefix_rows,
                                int64_t prefix, double scale) {
-  const int64_t dim = query.size(3);
   TORCH_CHECK(query.device().is_cpu(), "decode_attention runs on CPU tensors");
   TORCH_CHECK(query.dim() == 4 && keys.dim() == 4 && values.dim() == 4, "query, keys and values must be 4-D");
+  const int64_t dim = query.size(3);
   TORCH_CHECK(keys.scalar_type() == query.scalar_type() && values.scalar_type() == query.scalar_type(),
               "query, keys and values must share a dtype");
   TORCH_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1 && keys.stride(2) == dim &&
