@@ -88,52 +88,78 @@ struct Rows {
   const scalar_t* value(int64_t j, int dim) const { return (j < prefix ? prefix_values : values) + j * dim; }
 };
 
-// The `groups` query heads of one key/value head of one row, over `length` positions; head_dim = 16 * C.
-// `scores` has room for `length` floats.
-template <typename scalar_t, int C>
-void attend_head(const scalar_t* query, int64_t query_stride, int64_t groups, const Rows<scalar_t>& rows,
-                 int64_t length, const scalar_t* mask, float scale, float* scores, scalar_t* out, int64_t out_stride) {
+// G query heads of one key/value head of one row, over `length` positions; head_dim = 16 * C. They are
+// scored and summed together, key by key and value by value, so that each key and value comes from memory
+// once for the G heads rather than once per head. `scores` has room for G * length floats.
+template <typename scalar_t, int C, int G>
+void attend_heads(const scalar_t* query, int64_t query_stride, const Rows<scalar_t>& rows, int64_t length,
+                  const scalar_t* mask, float scale, float* scores, scalar_t* out, int64_t out_stride) {
   constexpr int D = 16 * C;
-  for (int64_t i = 0; i < groups; ++i) {
-    Lanes q[C];
-    for (int c = 0; c < C; ++c) q[c] = multiply(load_lanes(query + i * query_stride + 16 * c), broadcast(scale));
-    auto dot = [&](int64_t j) {  // the 16 partial sums of query . key j
-      const scalar_t* key = rows.key(j, D);
-      Lanes products = multiply(q[0], load_lanes(key));
-      for (int c = 1; c < C; ++c) products = multiply_add(q[c], load_lanes(key + 16 * c), products);
-      return products;
-    };
-    const int64_t quads = length / 4 * 4;
-    for (int64_t j = 0; j < quads; j += 4) sum4(dot(j), dot(j + 1), dot(j + 2), dot(j + 3), scores + j);
-    for (int64_t j = quads; j < length; ++j) scores[j] = sum(dot(j));
+  Lanes q[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) q[g][c] = multiply(load_lanes(query + g * query_stride + 16 * c), broadcast(scale));
+  auto dot = [&](int g, const scalar_t* key) {  // the 16 partial sums of query g . key
+    Lanes products = multiply(q[g][0], load_lanes(key));
+    for (int c = 1; c < C; ++c) products = multiply_add(q[g][c], load_lanes(key + 16 * c), products);
+    return products;
+  };
+  // four keys at a time: the G heads read them while they are in the L1 cache, and one reduction gives the
+  // four sums of a head
+  const int64_t quads = length / 4 * 4;
+  for (int64_t j = 0; j < quads; j += 4) {
+    const scalar_t *k0 = rows.key(j, D), *k1 = rows.key(j + 1, D), *k2 = rows.key(j + 2, D), *k3 = rows.key(j + 3, D);
+    for (int g = 0; g < G; ++g) sum4(dot(g, k0), dot(g, k1), dot(g, k2), dot(g, k3), scores + g * length + j);
+  }
+  for (int64_t j = quads; j < length; ++j)
+    for (int g = 0; g < G; ++g) scores[g * length + j] = sum(dot(g, rows.key(j, D)));
+  float totals[G];
+  for (int g = 0; g < G; ++g) {
+    float* row = scores + g * length;
     if (mask)
-      for (int64_t j = 0; j < length; ++j) scores[j] += widen(mask[j]);
-    float top = scores[0];  // not -INFINITY: built with -ffast-math, which assumes finite numbers
-    for (int64_t j = 1; j < length; ++j) top = std::max(top, scores[j]);
+      for (int64_t j = 0; j < length; ++j) row[j] += widen(mask[j]);
+    float top = row[0];  // not -INFINITY: built with -ffast-math, which assumes finite numbers
+    for (int64_t j = 1; j < length; ++j) top = std::max(top, row[j]);
     float total = 0.f;
     for (int64_t j = 0; j < length; ++j) {
-      scores[j] = std::exp(scores[j] - top);
-      total += scores[j];
+      row[j] = std::exp(row[j] - top);
+      total += row[j];
     }
-    // two sums, even and odd positions: consecutive positions' products do not wait on each other
-    Lanes even[C], odd[C];
-    for (int c = 0; c < C; ++c) even[c] = odd[c] = broadcast(0.f);
-    const int64_t pairs = length / 2 * 2;
-    for (int64_t j = 0; j < pairs; j += 2) {
-      const scalar_t *first = rows.value(j, D), *second = rows.value(j + 1, D);
-      const Lanes p = broadcast(scores[j]), p_next = broadcast(scores[j + 1]);
-      for (int c = 0; c < C; ++c) {
-        even[c] = multiply_add(p, load_lanes(first + 16 * c), even[c]);
-        odd[c] = multiply_add(p_next, load_lanes(second + 16 * c), odd[c]);
-      }
+    totals[g] = total;
+  }
+  Lanes sums[G][C];  // G * C independent running sums: enough for the multiply-adds not to wait on each other
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) sums[g][c] = broadcast(0.f);
+  for (int64_t j = 0; j < length; ++j) {
+    const scalar_t* value = rows.value(j, D);
+    Lanes v[C];
+    for (int c = 0; c < C; ++c) v[c] = load_lanes(value + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      const Lanes p = broadcast(scores[g * length + j]);
+      for (int c = 0; c < C; ++c) sums[g][c] = multiply_add(p, v[c], sums[g][c]);
     }
-    if (pairs < length) {
-      const Lanes p = broadcast(scores[pairs]);
-      for (int c = 0; c < C; ++c) even[c] = multiply_add(p, load_lanes(rows.value(pairs, D) + 16 * c), even[c]);
-    }
+  }
+  for (int g = 0; g < G; ++g) {
     float result[D];
-    for (int c = 0; c < C; ++c) store(result + 16 * c, multiply(add(even[c], odd[c]), broadcast(1.f / total)));
-    for (int e = 0; e < D; ++e) out[i * out_stride + e] = static_cast<scalar_t>(result[e]);
+    for (int c = 0; c < C; ++c) store(result + 16 * c, multiply(sums[g][c], broadcast(1.f / totals[g])));
+    for (int e = 0; e < D; ++e) out[g * out_stride + e] = static_cast<scalar_t>(result[e]);
+  }
+}
+
+// The `groups` query heads of one key/value head, G at a time: as many as the registers hold (4 heads of 64
+// values, 2 of 128).
+template <typename scalar_t, int C>
+void attend_group(const scalar_t* query, int64_t query_stride, int64_t groups, const Rows<scalar_t>& rows,
+                  int64_t length, const scalar_t* mask, float scale, float* scores, scalar_t* out, int64_t out_stride) {
+  constexpr int most = C <= 4 ? 4 : 2;
+  for (int64_t first = 0; first < groups; first += most) {
+    const scalar_t* q = query + first * query_stride;
+    scalar_t* o = out + first * out_stride;
+    switch (std::min<int64_t>(most, groups - first)) {
+      case 1: attend_heads<scalar_t, C, 1>(q, query_stride, rows, length, mask, scale, scores, o, out_stride); break;
+      case 2: attend_heads<scalar_t, C, 2>(q, query_stride, rows, length, mask, scale, scores, o, out_stride); break;
+      case 3: attend_heads<scalar_t, C, 3>(q, query_stride, rows, length, mask, scale, scores, o, out_stride); break;
+      default: attend_heads<scalar_t, C, most>(q, query_stride, rows, length, mask, scale, scores, o, out_stride);
+    }
   }
 }
 
@@ -146,14 +172,14 @@ void attend(const torch::Tensor& query, const torch::Tensor& keys, const torch::
   const scalar_t* v = values.data_ptr<scalar_t>();
   const int64_t* source = prefix_rows.defined() ? prefix_rows.data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, query.size(0) * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(length);
+    std::vector<float> scores(4 * length);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / kv_heads, head = task % kv_heads, from = source ? source[row] : row;
       const Rows<scalar_t> rows{k + row * keys.stride(0) + head * keys.stride(1),
                                 v + row * values.stride(0) + head * values.stride(1),
                                 k + from * keys.stride(0) + head * keys.stride(1),
                                 v + from * values.stride(0) + head * values.stride(1), source ? prefix : 0};
-      attend_head<scalar_t, C>(query.data_ptr<scalar_t>() + row * query.stride(0) + head * query.stride(1),
+      attend_group<scalar_t, C>(query.data_ptr<scalar_t>() + row * query.stride(0) + head * query.stride(1),
                                query.stride(2), groups, rows, length,
                                mask.defined() ? mask.data_ptr<scalar_t>() + row * mask.stride(0) : nullptr,
                                float(scale), scores.data(),
