@@ -1,4 +1,5 @@
-"""The CPU kernels (cpu_kernels.cpp): attention against float64, RMSNorm against transformers'."""
+"""The CPU kernels (cpu_kernels.cpp): attention and one-row products against float64, RMSNorm against
+transformers'."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def exact_attention(query, keys, values, mask, scale):
 
 @pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("head_dim, groups", [(16, 1), (64, 3), (128, 2)])
+# groups are taken up to 4 at a time (2 at head_dim 128): 5 runs as 4 + 1
+@pytest.mark.parametrize("head_dim, groups", [(16, 1), (64, 3), (128, 2), (32, 5), (128, 3)])
 def test_kernel_equals_exact_attention(portable, dtype, head_dim, groups):
     """Both builds (AVX-512 where the CPU has it, and the plain loops other CPUs get), with a padding mask."""
     torch.manual_seed(head_dim)
@@ -103,3 +105,40 @@ def test_rms_norm_equals_transformers(portable, dtype):
         assert torch.allclose(out.float(), expected.float(), rtol=2 ** -7, atol=0)  # one bf16 step at most
     with pytest.raises(RuntimeError, match="weight must be"):
         cpu_kernels.rms_norm(x, norm.weight.detach()[:100], 1e-5)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("rows", [1, 2])
+# 600 = 18 x 32 + 24: bf16 pairs, then 16 lanes, then 8 one by one; 70 = 4 x 16 + 6; 64: whole lanes only
+@pytest.mark.parametrize("in_features", [600, 70, 64])
+def test_small_linear_equals_exact_products(portable, dtype, rows, in_features):
+    """Weights of 37, 7 and 16 rows side by side (blocks of 16 rows for one input row, of 8 for two, and the rows
+    left over), with and without a bias, against float64: within one rounding to the dtype plus fp32 sums in
+    another order (tight: in bf16 a product rounded toward zero, or off by 2^-7, fails here, where log-probs
+    over a decode would barely show it)."""
+    torch.manual_seed(in_features)
+    x = torch.randn(rows, 1, in_features).to(dtype)
+    weights = [torch.randn(out, in_features).to(dtype) for out in (37, 7, 16)]
+    bias = torch.randn(60).to(dtype)
+    for with_bias in (None, bias):
+        out = cpu_kernels.small_linear(x, weights, with_bias, portable=portable)
+        assert out.shape == (rows, 1, 60) and out.dtype == dtype
+        exact = x.double() @ torch.cat(weights).double().T + (0 if with_bias is None else with_bias.double())
+        # one rounding to the dtype (half its eps, relative), and fp32 sums in some order (~sqrt(in_features)
+        # roundings of the terms)
+        terms = x.double().abs() @ torch.cat(weights).double().abs().T
+        allowed = torch.finfo(dtype).eps / 2 * exact.abs() + 4 * in_features ** 0.5 * torch.finfo(torch.float32).eps * terms
+        assert ((out.double() - exact).abs() <= allowed).all()
+
+
+def test_small_linear_refuses_what_it_does_not_take():
+    weight = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="1 or 2 rows"):
+        cpu_kernels.small_linear(torch.randn(3, 16), [weight])
+    with pytest.raises(RuntimeError, match="in x's dtype"):
+        cpu_kernels.small_linear(torch.randn(1, 16), [weight.bfloat16()])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu_kernels.small_linear(torch.randn(1, 16), [torch.randn(16, 8).T])
+    with pytest.raises(RuntimeError, match="bias must be"):
+        cpu_kernels.small_linear(torch.randn(1, 16), [weight], torch.randn(7))

@@ -8,7 +8,9 @@ per token through transformers' forward with prepacked weights, 31 ms here). `Ll
 same function from the same weights with fewer operations:
 
 - one product for q, k and v and one for gate and up (weights concatenated once; on CPU prepacked for
-  oneDNN, see ``packed.py``); the concatenated products are the same dot products;
+  oneDNN, see ``packed.py``); the concatenated products are the same dot products. A pass over one or two
+  rows on CPU takes its products from ``cpu_kernels.cpp`` instead (`kernels.small_linear`, from the
+  unstacked weights), which reads the weights faster there;
 - cos/sin of the rotary embedding looked up in a table that the model's own rotary module filled;
 - RMSNorm computed in fp32, rounded once, times the weight (transformers' rounding): `F.rms_norm`, or on CPU
   one pass of ``cpu_kernels.cpp``;
@@ -20,7 +22,8 @@ same function from the same weights with fewer operations:
 With ``cpu_kernels=False``, in bf16 the logits equal transformers' bit for bit; in fp32 they differ in the
 last bits where the prepacked products sum in another order (`tests/test_sampler.py` checks both). The kernels
 compute attention in fp32 where SDPA rounds the softmax to bf16 before the values, and sum a norm's squares in
-another order, so in bf16 their logits differ from transformers' by bf16 rounding.
+another order, and sum the products of one or two rows in another order, so in bf16 their logits differ from
+transformers' by bf16 rounding.
 
 `Sampler` uses the decoder for every model that `unsupported_reason` accepts (Llama, Qwen2 and models built
 like them, full attention only, plain `nn.Linear` layers: a peft adapter's layers are not) and transformers'
@@ -130,8 +133,8 @@ class LlamaDecoder:
 
         ``attention_mask``: None (no padding), the 2D padding mask (rows, cache length + tokens; True = real
         token) or, for one token, an additive (rows, 1, 1, cache length + 1) mask. ``capture``: an
-        `AttentionCapture`, given each captured layer's queries and keys. ``cpu_kernels``: the norms, and the
-        attention of one-token steps, through ``cpu_kernels.cpp`` (None: when it builds and takes the model's
+        `AttentionCapture`, given each captured layer's queries and keys. ``cpu_kernels``: the norms, the
+        attention of one-token steps and the products of one- or two-row passes through ``cpu_kernels.cpp`` (None: when it builds and takes the model's
         dtype and head size; True: an error if it cannot; False: torch's operations). Returns fp32 logits of the
         last ``logits_to_keep`` positions (0: all)."""
         rows, tokens = input_ids.shape
@@ -143,20 +146,21 @@ class LlamaDecoder:
         mask, causal = self._mask(attention_mask, rows, tokens, length, dtype, hidden.device)
         use_kernels = self._use_kernels(cpu_kernels, hidden)
         norm = kernel_rms_norm if use_kernels else rms_norm
+        linear = kernel_linear if use_kernels and rows * tokens <= kernels.SMALL_LINEAR_ROWS else FusedLinear.__call__
         for index, layer in enumerate(self.layers):
             x = norm(hidden, layer["input_norm"])
-            qkv = layer["qkv"](x).view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+            qkv = linear(layer["qkv"], x).view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
             query_key = rotate(qkv[:, :heads + kv_heads], cos, sin)  # (rows, heads + kv_heads, tokens, head_dim)
             query, key = query_key[:, :heads], query_key[:, heads:]
             attended = self._attend(index, query, key, qkv[:, heads + kv_heads:], cache, mask, causal, capture,
                                     use_kernels)
-            hidden = hidden + layer["out"](attended)
-            gate_up = layer["gate_up"](norm(hidden, layer["post_attention_norm"]))
+            hidden = hidden + linear(layer["out"], attended)
+            gate_up = linear(layer["gate_up"], norm(hidden, layer["post_attention_norm"]))
             gate, up = gate_up[..., :layer["intermediate"]], gate_up[..., layer["intermediate"]:]
-            hidden = hidden + layer["down"](layer["act"](gate) * up)
+            hidden = hidden + linear(layer["down"], layer["act"](gate) * up)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.head(norm(hidden, self.model.model.norm)).float()
+        return linear(self.head, norm(hidden, self.model.model.norm)).float()
 
     def _use_kernels(self, cpu_kernels: bool | None, hidden: torch.Tensor) -> bool:
         """Whether this pass runs the CPU kernels (see `forward`)."""
@@ -230,6 +234,11 @@ def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
 def kernel_rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     """`rms_norm` in one pass of ``cpu_kernels.cpp`` (the same rounding steps; the sum of squares in another order)."""
     return kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
+
+
+def kernel_linear(fused: FusedLinear, x: torch.Tensor) -> torch.Tensor:
+    """`fused`'s product for one or two rows through ``cpu_kernels.cpp``, from the unstacked weights."""
+    return kernels.small_linear(x, fused.source_weights, fused.bias)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

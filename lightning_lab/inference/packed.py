@@ -72,6 +72,7 @@ class FusedLinear:
             return
         self.stamp = current
         weights = [module.weight.detach() for module in self.linears]
+        self.source_weights = tuple(weights)  # unstacked, as the modules hold them (the CPU kernels' one-row products)
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         self.bias = None
         if any(module.bias is not None for module in self.linears):
