@@ -128,7 +128,8 @@ def test_small_linear_equals_exact_products(portable, dtype, rows, in_features):
         # one rounding to the dtype (half its eps, relative), and fp32 sums in some order (~sqrt(in_features)
         # roundings of the terms)
         terms = x.double().abs() @ torch.cat(weights).double().abs().T
-        allowed = torch.finfo(dtype).eps / 2 * exact.abs() + 4 * in_features ** 0.5 * torch.finfo(torch.float32).eps * terms
+        sum_rounding = 4 * in_features ** 0.5 * torch.finfo(torch.float32).eps * terms
+        allowed = torch.finfo(dtype).eps / 2 * exact.abs() + sum_rounding
         assert ((out.double() - exact).abs() <= allowed).all()
 
 

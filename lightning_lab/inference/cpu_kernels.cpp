@@ -259,7 +259,8 @@ void small_linear_rows(const torch::Tensor& x, const torch::Tensor& x_wide, cons
       float* o = out + first_column[i] + row;
       if (row + R <= rows) weight_rows<scalar_t, M, R>(w, K, input, input_wide, o, width);
       else
-        for (int64_t r = 0; r < rows - row; ++r) weight_rows<scalar_t, M, 1>(w + r * K, K, input, input_wide, o + r, width);
+        for (int64_t r = 0; r < rows - row; ++r)
+          weight_rows<scalar_t, M, 1>(w + r * K, K, input, input_wide, o + r, width);
     }
   });
 }
@@ -354,9 +355,9 @@ torch::Tensor small_linear(torch::Tensor x, std::vector<torch::Tensor> weights, 
   TORCH_CHECK(!weights.empty(), "no weights");
   int64_t width = 0;
   for (const auto& weight : weights) {
-    TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.size(1) == x.size(1) && weight.is_contiguous() &&
-                weight.scalar_type() == x.scalar_type(), "each weight must be (out_features, in_features), contiguous, "
-                "in x's dtype, with x's in_features");
+    TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.size(1) == x.size(1) &&
+                weight.is_contiguous() && weight.scalar_type() == x.scalar_type(),
+                "each weight must be (out_features, in_features), contiguous, in x's dtype, with x's in_features");
     width += weight.size(0);
   }
   if (bias.has_value())

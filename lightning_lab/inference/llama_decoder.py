@@ -134,9 +134,9 @@ class LlamaDecoder:
         ``attention_mask``: None (no padding), the 2D padding mask (rows, cache length + tokens; True = real
         token) or, for one token, an additive (rows, 1, 1, cache length + 1) mask. ``capture``: an
         `AttentionCapture`, given each captured layer's queries and keys. ``cpu_kernels``: the norms, the
-        attention of one-token steps and the products of one- or two-row passes through ``cpu_kernels.cpp`` (None: when it builds and takes the model's
-        dtype and head size; True: an error if it cannot; False: torch's operations). Returns fp32 logits of the
-        last ``logits_to_keep`` positions (0: all)."""
+        attention of one-token steps and the products of one- or two-row passes through ``cpu_kernels.cpp``
+        (None: when it builds and takes the model's dtype and head size; True: an error if it cannot; False:
+        torch's operations). Returns fp32 logits of the last ``logits_to_keep`` positions (0: all)."""
         rows, tokens = input_ids.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         hidden = self.model.model.embed_tokens(input_ids)

@@ -72,7 +72,8 @@ class FusedLinear:
             return
         self.stamp = current
         weights = [module.weight.detach() for module in self.linears]
-        self.source_weights = tuple(weights)  # unstacked, as the modules hold them (the CPU kernels' one-row products)
+        # unstacked, as the modules hold them, for the CPU kernels' one-row products (which read rows contiguously)
+        self.source_weights = tuple(weight.contiguous() for weight in weights)
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         self.bias = None
         if any(module.bias is not None for module in self.linears):

@@ -19,9 +19,9 @@ Batch decoding (`generate`)
   Rows that finished (EOS / stop string / length) are dropped from the batch and the cache once a
   quarter of the rows in the batch have finished.
 - Sampling runs on the device, batched: temperature, then top-k, then top-p (the order of
-  ``transformers.generate``), then a draw from the remaining weights (`draw`). Top-p is exact but avoids sorting the whole
-  vocabulary: it looks at the top `TOP_P_CANDIDATES` tokens, and sorts the whole vocabulary only for the rows
-  whose candidates hold less than ``top_p`` of the mass. ``greedy=True`` (or ``temperature=0``) takes the argmax.
+  ``transformers.generate``), then a draw from the remaining weights (`draw`, one uniform number per row).
+  Top-p is exact but avoids sorting the whole vocabulary: it looks at the top `TOP_P_CANDIDATES` tokens, and
+  sorts the whole vocabulary only for the rows whose candidates hold less than ``top_p`` of the mass. ``greedy=True`` (or ``temperature=0``) takes the argmax.
 - Finish reasons: ``eos`` (an end-of-sequence token of the tokenizer or generation config was produced;
   it is the last of ``token_ids`` and left out of ``text``), ``stop`` (a stop string appeared: ``text``
   ends just before it, ``token_ids`` end with the token that completed it, ``stop`` names it; stop strings
