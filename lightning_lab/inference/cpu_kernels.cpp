@@ -265,6 +265,14 @@ void small_linear_rows(const torch::Tensor& x, const torch::Tensor& x_wide, cons
   });
 }
 
+// Calls run(zero) with a zero of the C++ type of `type`: c10::BFloat16 or float.
+template <typename Run>
+void with_dtype(at::ScalarType type, Run run) {
+  if (type == at::kBFloat16) run(c10::BFloat16());
+  else if (type == at::kFloat) run(0.f);
+  else TORCH_CHECK(false, "dtype ", type, " is not bfloat16 or float32");
+}
+
 }  // namespace
 
 // query (rows, kv_heads, groups, head_dim); keys, values (rows, kv_heads, length, head_dim), each position's
@@ -309,9 +317,7 @@ torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::T
       default: TORCH_CHECK(false, "head_dim ", dim, " is not 16, 32, 64 or 128");
     }
   };
-  if (query.scalar_type() == at::kBFloat16) run(c10::BFloat16());
-  else if (query.scalar_type() == at::kFloat) run(0.f);
-  else TORCH_CHECK(false, "dtype ", query.scalar_type(), " is not bfloat16 or float32");
+  with_dtype(query.scalar_type(), run);
   return out;
 }
 
@@ -341,9 +347,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
       }
     });
   };
-  if (x.scalar_type() == at::kBFloat16) run(c10::BFloat16());
-  else if (x.scalar_type() == at::kFloat) run(0.f);
-  else TORCH_CHECK(false, "dtype ", x.scalar_type(), " is not bfloat16 or float32");
+  with_dtype(x.scalar_type(), run);
   return out;
 }
 
@@ -370,9 +374,7 @@ torch::Tensor small_linear(torch::Tensor x, std::vector<torch::Tensor> weights, 
     if (x.size(0) == 1) small_linear_rows<scalar_t, 1>(input, input_wide, weights, out_wide);
     else small_linear_rows<scalar_t, 2>(input, input_wide, weights, out_wide);
   };
-  if (x.scalar_type() == at::kBFloat16) run(c10::BFloat16());
-  else if (x.scalar_type() == at::kFloat) run(0.f);
-  else TORCH_CHECK(false, "dtype ", x.scalar_type(), " is not bfloat16 or float32");
+  with_dtype(x.scalar_type(), run);
   if (bias.has_value()) out_wide += bias->to(torch::kFloat);
   return out_wide.to(x.scalar_type());
 }
