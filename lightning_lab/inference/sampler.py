@@ -21,7 +21,8 @@ Batch decoding (`generate`)
 - Sampling runs on the device, batched: temperature, then top-k, then top-p (the order of
   ``transformers.generate``), then a draw from the remaining weights (`draw`, one uniform number per row).
   Top-p is exact but avoids sorting the whole vocabulary: it looks at the top `TOP_P_CANDIDATES` tokens, and
-  sorts the whole vocabulary only for the rows whose candidates hold less than ``top_p`` of the mass. ``greedy=True`` (or ``temperature=0``) takes the argmax.
+  sorts the whole vocabulary only for the rows whose candidates hold less than ``top_p`` of the mass.
+  ``greedy=True`` (or ``temperature=0``) takes the argmax.
 - Finish reasons: ``eos`` (an end-of-sequence token of the tokenizer or generation config was produced;
   it is the last of ``token_ids`` and left out of ``text``), ``stop`` (a stop string appeared: ``text``
   ends just before it, ``token_ids`` end with the token that completed it, ``stop`` names it; stop strings
@@ -81,21 +82,21 @@ depend on the seed, only on the arithmetic; the step-wise API draws from its own
 Engines: Llama-family models (SmolLM2 among them) run through `LlamaDecoder`, the same forward pass
 written out with fewer operations (``llama_decoder.py``; ``llama_decoder=False`` uses transformers'
 forward instead); every other model, and a model with adapter layers, through transformers' forward. On
-CPU the decoder runs its norms and one-token attention through ``cpu_kernels.cpp`` when it builds
-(``cpu_kernels``); with ``cpu_kernels=False`` both engines give the same bf16 logits bit for bit, with the
-kernels they differ by bf16 rounding.
+CPU the decoder runs its norms, one-token attention and one- or two-row products through
+``cpu_kernels.cpp`` when it builds (``cpu_kernels``); with ``cpu_kernels=False`` both engines give the same
+bf16 logits bit for bit, with the kernels they differ by bf16 rounding.
 
 Speed (``bench/sampler.py`` measures it against ``transformers.generate``): shared prefill; the preallocated
 cache; the written-out forward; a 4D decode mask that keeps SDPA on its fast grouped-query path
 (`Sampler._decode_mask`); oneDNN-prepacked linear weights on CPU (``packed.py``, ``pack_weights``); CPU
-kernels for one-token attention (the n samples of a prompt read its keys once, `KVCache.shared_prefix`) and
-RMSNorm (``cpu_kernels.cpp``, ``cpu_kernels``); batched
-on-device sampling with the top-k shortcut for top-p; dropping finished rows; one host sync per step;
-attention capture batched over layers; prompt lookup for greedy single sequences (opt-in). Measured and not
-kept (2-core CPU, figures in the README): ``torch.compile`` (of the whole one-token step with frozen weights:
-12-15% faster at one row after a 54-76 s compile, not faster at 32 rows, stale after a weight update, no
-attention capture; of the small operations between the products: 33-45 us per compiled call against 11-53 us
-eager); SDPA over a prompt's keys once for its n samples, merged by log-sum-exp (4-12% off a 32-row step; the
+kernels for one-token attention (the n samples of a prompt read its keys once, `KVCache.shared_prefix`),
+RMSNorm and the products of one-row passes (``cpu_kernels.cpp``, ``cpu_kernels``); batched on-device
+sampling with the top-k shortcut for top-p and an inverse-CDF draw (`draw`); dropping finished rows; one
+host sync per step; attention capture batched over layers; prompt lookup for greedy single sequences
+(opt-in). Measured and not kept (2-core CPU, figures in the README): ``torch.compile`` (of the whole
+one-token step with frozen weights: 12-15% faster at one row after a 54-76 s compile, not faster at 32 rows,
+stale after a weight update, no attention capture; of the small operations between the products: 33-45 us
+per compiled call against 11-53 us eager); SDPA over a prompt's keys once for its n samples, merged by log-sum-exp (4-12% off a 32-row step; the
 attention kernel does this better); two threads of half the rows each (the same tokens/s as one batch).
 """
 
@@ -614,9 +615,9 @@ class Sampler:
 
     ``pack_weights``: prepack linear weights for oneDNN (default: on CPU). ``llama_decoder``: run the
     written-out Llama forward (default: when the model supports it; True makes an unsupported model an error).
-    ``cpu_kernels``: the decoder's norms and one-token attention on CPU through ``cpu_kernels.cpp`` (default:
-    when it builds and takes the model; True makes that an error otherwise; False keeps torch's operations,
-    whose bf16 logits equal transformers' bit for bit).
+    ``cpu_kernels``: the decoder's norms, one-token attention and one-row products on CPU through
+    ``cpu_kernels.cpp`` (default: when it builds and takes the model; True makes that an error otherwise;
+    False keeps torch's operations, whose bf16 logits equal transformers' bit for bit).
     """
 
     def __init__(self, loaded, pack_weights: bool | None = None, llama_decoder: bool | None = None,
