@@ -124,13 +124,17 @@ def test_small_linear_equals_exact_products(portable, dtype, rows, in_features):
     for with_bias in (None, bias):
         out = cpu_kernels.small_linear(x, weights, with_bias, portable=portable)
         assert out.shape == (rows, 1, 60) and out.dtype == dtype
-        exact = x.double() @ torch.cat(weights).double().T + (0 if with_bias is None else with_bias.double())
-        # one rounding to the dtype (half its eps, relative), and fp32 sums in some order (~sqrt(in_features)
-        # roundings of the terms)
-        terms = x.double().abs() @ torch.cat(weights).double().abs().T
-        sum_rounding = 4 * in_features ** 0.5 * torch.finfo(torch.float32).eps * terms
-        allowed = torch.finfo(dtype).eps / 2 * exact.abs() + sum_rounding
-        assert ((out.double() - exact).abs() <= allowed).all()
+        assert_within_rounding(out, x, torch.cat(weights), with_bias)
+
+
+def assert_within_rounding(out, x, weight, bias):
+    """out == x weight^T + bias within one rounding to out's dtype (half its eps, relative) and fp32 sums in some
+    order (~sqrt(in_features) roundings of the terms), against float64."""
+    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    terms = x.double().abs() @ weight.double().abs().T
+    sum_rounding = 4 * x.shape[-1] ** 0.5 * torch.finfo(torch.float32).eps * terms
+    allowed = torch.finfo(out.dtype).eps / 2 * exact.abs() + sum_rounding
+    assert ((out.double() - exact).abs() <= allowed).all()
 
 
 def test_small_linear_refuses_what_it_does_not_take():
@@ -143,3 +147,35 @@ def test_small_linear_refuses_what_it_does_not_take():
         cpu_kernels.small_linear(torch.randn(1, 16), [torch.randn(16, 8).T])
     with pytest.raises(RuntimeError, match="bias must be"):
         cpu_kernels.small_linear(torch.randn(1, 16), [weight], torch.randn(7))
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+# rows 8 at a time: 3 (one block short of 8), 21 (two blocks and 5), 300 (37 blocks and 4)
+@pytest.mark.parametrize("rows", [3, 21, 300])
+# 100 = 2 x 48 + 4 columns: whole panels, then a panel mostly padding; in_features 70 and 1
+@pytest.mark.parametrize("out_features, in_features", [(100, 70), (48, 1)])
+def test_panel_linear_equals_exact_products(portable, rows, out_features, in_features):
+    torch.manual_seed(rows)
+    weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
+    panels = cpu_kernels.pack_panels(weight, portable=portable)
+    assert panels.shape == (-(-out_features // 48), in_features, 48)
+    x = torch.randn(rows, 1, in_features)
+    for with_bias in (None, bias):
+        out = cpu_kernels.panel_linear(x, panels, out_features, with_bias, portable=portable)
+        assert out.shape == (rows, 1, out_features) and out.dtype == torch.float32
+        assert_within_rounding(out, x, weight, with_bias)
+
+
+def test_panel_linear_refuses_what_it_does_not_take():
+    weight = torch.randn(50, 16)
+    panels = cpu_kernels.pack_panels(weight)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernels.pack_panels(weight.bfloat16())
+    with pytest.raises(RuntimeError, match="x must be a CPU float32"):
+        cpu_kernels.panel_linear(torch.randn(4, 16).bfloat16(), panels, 50)
+    with pytest.raises(RuntimeError, match="pack_panels' output"):
+        cpu_kernels.panel_linear(torch.randn(4, 17), panels, 50)
+    with pytest.raises(RuntimeError, match="pack_panels' output"):
+        cpu_kernels.panel_linear(torch.randn(4, 16), panels, 200)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        cpu_kernels.panel_linear(torch.randn(4, 16), panels, 50, torch.randn(49))

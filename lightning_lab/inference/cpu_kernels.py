@@ -1,8 +1,9 @@
-"""The decoder's CPU kernels (``cpu_kernels.cpp``: one-token attention, RMSNorm, one-row linear layers),
-compiled on first use.
+"""The decoder's CPU kernels (``cpu_kernels.cpp``: one-token attention, RMSNorm, linear layers for one or two rows
+and for fp32 batches), compiled on first use.
 
 `LlamaDecoder` calls them on CPU when they build: `decode_attention` for one-token steps, `rms_norm` for
-every norm, `small_linear` for every product of a pass over one or two rows; elsewhere (CUDA, MPS, no C++
+every norm, `small_linear` for every product of a pass over one or two rows, `panel_linear` for the other fp32
+products where the build has AVX-512; elsewhere (CUDA, MPS, no C++
 compiler) it keeps torch's SDPA, `F.rms_norm` and the oneDNN products of ``packed.py``. The build (torch's
 `cpp_extension.load`: a C++ compiler and ninja) takes ~40 s once; the library is then cached under torch's
 extension directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and loads in well under
@@ -111,6 +112,25 @@ def small_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.T
     products, in another order."""
     out = compiled(portable).small_linear(x.reshape(-1, x.shape[-1]), list(weights), bias)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def pack_panels(weight: torch.Tensor, portable: bool = False) -> torch.Tensor:
+    """An fp32 weight (out_features, in_features) laid out for `panel_linear` (a copy, zero-padded to whole panels)."""
+    return compiled(portable).pack_panels(weight)
+
+
+def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+                 portable: bool = False) -> torch.Tensor:
+    """``x`` (..., in_features), fp32, times the weight that `pack_panels` made ``panels`` of, plus ``bias``:
+    (..., out_features). Each output is one fp32 sum in order of in_features (oneDNN sums in another order)."""
+    out = compiled(portable).panel_linear(x.reshape(-1, x.shape[-1]), panels, out_features, bias)
+    return out.view(*x.shape[:-1], out_features)
+
+
+def panels_are_faster(x: torch.Tensor) -> bool:
+    """Whether `panel_linear` is the faster product for ``x`` (three rows and more): fp32 in the AVX-512 build
+    (oneDNN's bf16 products use AVX512-BF16 instructions, and the portable loops are only a fallback)."""
+    return x.dtype == torch.float32 and compiled().avx512
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ class LlamaDecoder:
         mask, causal = self._mask(attention_mask, rows, tokens, length, dtype, hidden.device)
         use_kernels = self._use_kernels(cpu_kernels, hidden)
         norm = kernel_rms_norm if use_kernels else rms_norm
-        linear = kernel_linear if use_kernels and rows * tokens <= kernels.SMALL_LINEAR_ROWS else FusedLinear.__call__
+        linear = kernel_linear if use_kernels else FusedLinear.__call__
         for index, layer in enumerate(self.layers):
             x = norm(hidden, layer["input_norm"])
             qkv = linear(layer["qkv"], x).view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
@@ -237,8 +237,14 @@ def kernel_rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
 
 
 def kernel_linear(fused: FusedLinear, x: torch.Tensor) -> torch.Tensor:
-    """`fused`'s product for one or two rows through ``cpu_kernels.cpp``, from the unstacked weights."""
-    return kernels.small_linear(x, fused.source_weights, fused.bias)
+    """`fused`'s product through ``cpu_kernels.cpp`` where a kernel is the faster: `small_linear` for one or two
+    rows (from the unstacked weights), `panel_linear` for more in fp32 (from panels packed at first use, when
+    the weights are packed at all); oneDNN otherwise."""
+    if x.numel() <= kernels.SMALL_LINEAR_ROWS * x.shape[-1]:
+        return kernels.small_linear(x, fused.source_weights, fused.bias)
+    if fused.pack and kernels.panels_are_faster(x):
+        return kernels.panel_linear(x, fused.layout("panels", kernels.pack_panels), fused.out_features, fused.bias)
+    return fused(x)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

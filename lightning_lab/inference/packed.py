@@ -33,9 +33,10 @@ def available(device: torch.device) -> bool:
                                                                                        "_linear_pointwise")
 
 
-def worth_packing(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
-            and weight.numel() >= MIN_ELEMENTS)
+def worth_packing(*weights: torch.Tensor) -> bool:
+    """Whether oneDNN's packing pays for these weights stacked: CPU, bf16 or fp32, enough elements."""
+    return (weights[0].device.type == "cpu" and weights[0].dtype in (torch.bfloat16, torch.float32)
+            and sum(weight.numel() for weight in weights) >= MIN_ELEMENTS)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -57,8 +58,8 @@ def stamp(weight: torch.Tensor) -> tuple[int, int]:
 class FusedLinear:
     """Several `nn.Linear` layers over the same input as one product: their weights (and biases) stacked,
     prepacked when `pack` is true and the stacked weight is worth it (unpacked, stacking copies the
-    weights: on a GPU the fused layers take their memory twice). Call `refresh` before use: it re-stacks
-    when a source weight or bias changed."""
+    weights: on a GPU the fused layers take their memory twice). Call `refresh` before use: it drops the
+    stacked copies when a source weight or bias changed, and each is made again at its first use."""
 
     def __init__(self, *linears: torch.nn.Linear, pack: bool):
         self.linears = linears
@@ -71,21 +72,27 @@ class FusedLinear:
         if current == self.stamp:
             return
         self.stamp = current
-        weights = [module.weight.detach() for module in self.linears]
         # unstacked, as the modules hold them, for the CPU kernels' one-row products (which read rows contiguously)
-        self.source_weights = tuple(weight.contiguous() for weight in weights)
-        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        self.source_weights = tuple(module.weight.detach().contiguous() for module in self.linears)
+        self.out_features = sum(weight.shape[0] for weight in self.source_weights)
         self.bias = None
         if any(module.bias is not None for module in self.linears):
             self.bias = torch.cat([module.bias.detach() if module.bias is not None
-                                   else weight.new_zeros(module.out_features) for module in self.linears])
-        self.packed = self.pack and worth_packing(weight)
-        self.weight = pack(weight) if self.packed else weight
+                                   else self.source_weights[0].new_zeros(module.out_features) for module in self.linears])
+        self.packed = self.pack and worth_packing(*self.source_weights)
+        self.layouts = {}  # the stacked weight as each kind of product reads it, made at first use
+
+    def layout(self, name: str, arrange) -> torch.Tensor:
+        """The stacked weight as ``arrange`` lays it out (kept under ``name`` until the weights change)."""
+        if name not in self.layouts:
+            weights = self.source_weights
+            self.layouts[name] = arrange(torch.cat(weights) if len(weights) > 1 else weights[0])
+        return self.layouts[name]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return packed_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return packed_linear(x, self.layout("onednn", pack), self.bias)
+        return F.linear(x, self.layout("stacked", lambda weight: weight), self.bias)
 
 
 class PackedLinears:
@@ -127,7 +134,7 @@ _PACKED_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _packed_forward(module: torch.nn.Linear, fused: FusedLinear):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != fused.weight.dtype:  # the module's own path (and cast rules)
+        if x.dtype != module.weight.dtype:  # the module's own path (and cast rules)
             return F.linear(x, module.weight, module.bias)
         return fused(x)
 
