@@ -179,3 +179,46 @@ def test_panel_linear_refuses_what_it_does_not_take():
         cpu_kernels.panel_linear(torch.randn(4, 16), panels, 200)
     with pytest.raises(RuntimeError, match="bias must be"):
         cpu_kernels.panel_linear(torch.randn(4, 16), panels, 50, torch.randn(49))
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_rotary_equals_torch(portable, dtype, tokens):
+    """On the decoder's own view (q and k heads of a fused qkv product, transposed): bf16 bit for bit (each
+    product of two bf16 values is exact in fp32, so the roundings are torch's); fp32 to the last bits (the
+    compiler may fuse a product and the sum)."""
+    from lightning_lab.inference.llama_decoder import rotate
+
+    torch.manual_seed(tokens)
+    rows, heads, head_dim = 5, 6, 64
+    qkv = torch.randn(rows, tokens, heads + 2, head_dim).to(dtype).transpose(1, 2)
+    angles = torch.randn(rows, 1, tokens, head_dim)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    out = cpu_kernels.rotary(qkv[:, :heads], cos, sin, portable=portable)
+    expected = rotate(qkv[:, :heads], cos, sin)
+    assert out.shape == expected.shape and out.is_contiguous()
+    if dtype == torch.bfloat16:
+        assert torch.equal(out, expected)
+    else:
+        torch.testing.assert_close(out, expected, rtol=2e-7, atol=2e-7)
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        cpu_kernels.rotary(qkv[:, :heads], cos[:1], sin, portable=portable)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_silu_mul_equals_torch(portable, dtype):
+    """silu(gate) * up against torch's two operations: within one rounding step of the dtype (the exponentials
+    differ in the last fp32 bit, which can tip a bf16 rounding)."""
+    torch.manual_seed(0)
+    gate_up = (4 * torch.randn(3, 2, 2 * 200)).to(dtype)
+    out = cpu_kernels.silu_mul(gate_up, portable=portable)
+    expected = torch.nn.functional.silu(gate_up[..., :200]) * gate_up[..., 200:]
+    assert out.shape == (3, 2, 200) and out.dtype == dtype
+    step = 2 ** -7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(out, expected, rtol=step, atol=1e-6)
+    if dtype == torch.bfloat16:  # nearly all bit for bit
+        assert (out == expected).float().mean() > 0.99
+    with pytest.raises(RuntimeError, match="even"):
+        cpu_kernels.silu_mul(gate_up[..., :7], portable=portable)

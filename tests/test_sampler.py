@@ -556,6 +556,18 @@ def test_llama_decoder_runs_qwen2_with_its_qkv_biases(tiny):
         assert mine.completions[0].logprobs == pytest.approx(reference.completions[0].logprobs, abs=1e-4)
 
 
+def test_llama_decoder_keeps_a_model_s_own_activation(tiny):
+    """The kernels fuse silu(gate) * up; a model with another activation keeps its own (and its numbers)."""
+    loaded = tiny_qwen2(tiny, hidden_act="gelu_pytorch_tanh")
+    ours, theirs = Sampler(loaded), Sampler(loaded, llama_decoder=False)
+    outs = [sampler.generate(PROMPTS, greedy=True, max_new_tokens=8, chat=False, logprobs=True)
+            for sampler in (ours, theirs)]
+    assert not ours.decoder.layers[0]["silu"] and Sampler(tiny_qwen2(tiny)).decoder.layers[0]["silu"]
+    for mine, reference in zip(*(out.prompts for out in outs)):
+        assert mine.completions[0].token_ids == reference.completions[0].token_ids
+        assert mine.completions[0].logprobs == pytest.approx(reference.completions[0].logprobs, abs=1e-4)
+
+
 def test_a_sliding_window_model_decodes_on_a_dynamic_cache_and_refuses_prompt_lookup(tiny):
     from transformers import DynamicCache
 

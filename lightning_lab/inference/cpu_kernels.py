@@ -1,8 +1,8 @@
-"""The decoder's CPU kernels (``cpu_kernels.cpp``: one-token attention, RMSNorm, linear layers for one or two rows
-and for fp32 batches), compiled on first use.
+"""The decoder's CPU kernels (``cpu_kernels.cpp``: one-token attention, RMSNorm, the rotary embedding, the MLP's
+activation, linear layers for one or two rows and for fp32 batches), compiled on first use.
 
 `LlamaDecoder` calls them on CPU when they build: `decode_attention` for one-token steps, `rms_norm` for
-every norm, `small_linear` for every product of a pass over one or two rows, `panel_linear` for the other fp32
+every norm, `rotary` and `silu_mul` for the steps between the products, `small_linear` for every product of a pass over one or two rows, `panel_linear` for the other fp32
 products where the build has AVX-512; elsewhere (CUDA, MPS, no C++
 compiler) it keeps torch's SDPA, `F.rms_norm` and the oneDNN products of ``packed.py``. The build (torch's
 `cpp_extension.load`: a C++ compiler and ninja) takes ~40 s once; the library is then cached under torch's
@@ -112,6 +112,20 @@ def small_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.T
     products, in another order."""
     out = compiled(portable).small_linear(x.reshape(-1, x.shape[-1]), list(weights), bias)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, portable: bool = False) -> torch.Tensor:
+    """The rotary embedding of x (rows, heads, tokens, head_dim; each head's values contiguous), in one pass:
+    x * cos + roll(x, head_dim / 2) * signed_sin, with cos and signed_sin (rows, 1, tokens, head_dim) and the
+    sine's first half negated (`llama_decoder.rotate`'s arguments). Contiguous; in bf16 each product and the sum
+    are rounded as torch rounds them."""
+    return compiled(portable).rotary(x, cos.contiguous(), signed_sin.contiguous())
+
+
+def silu_mul(gate_up: torch.Tensor, portable: bool = False) -> torch.Tensor:
+    """silu(gate) * up for gate_up (..., 2 * intermediate), the gate's values first: the MLP's step between its
+    products, in one pass (torch rounds silu's bf16 result before the product, and so does this)."""
+    return compiled(portable).silu_mul(gate_up)
 
 
 def pack_panels(weight: torch.Tensor, portable: bool = False) -> torch.Tensor:

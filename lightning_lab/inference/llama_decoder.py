@@ -89,6 +89,7 @@ class LlamaDecoder:
             attention, mlp = layer.self_attn, layer.mlp
             self.layers.append(dict(
                 attention=attention, act=mlp.act_fn, intermediate=mlp.gate_proj.out_features,
+                silu=type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation"),  # the kernels' fused silu(gate) * up
                 input_norm=layer.input_layernorm, post_attention_norm=layer.post_attention_layernorm,
                 qkv=FusedLinear(attention.q_proj, attention.k_proj, attention.v_proj, pack=pack),
                 out=FusedLinear(attention.o_proj, pack=pack),
@@ -147,17 +148,21 @@ class LlamaDecoder:
         use_kernels = self._use_kernels(cpu_kernels, hidden)
         norm = kernel_rms_norm if use_kernels else rms_norm
         linear = kernel_linear if use_kernels else FusedLinear.__call__
+        turn = kernels.rotary if use_kernels else rotate
         for index, layer in enumerate(self.layers):
             x = norm(hidden, layer["input_norm"])
             qkv = linear(layer["qkv"], x).view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
-            query_key = rotate(qkv[:, :heads + kv_heads], cos, sin)  # (rows, heads + kv_heads, tokens, head_dim)
+            query_key = turn(qkv[:, :heads + kv_heads], cos, sin)  # (rows, heads + kv_heads, tokens, head_dim)
             query, key = query_key[:, :heads], query_key[:, heads:]
             attended = self._attend(index, query, key, qkv[:, heads + kv_heads:], cache, mask, causal, capture,
                                     use_kernels)
             hidden = hidden + linear(layer["out"], attended)
             gate_up = linear(layer["gate_up"], norm(hidden, layer["post_attention_norm"]))
-            gate, up = gate_up[..., :layer["intermediate"]], gate_up[..., layer["intermediate"]:]
-            hidden = hidden + linear(layer["down"], layer["act"](gate) * up)
+            if use_kernels and layer["silu"]:
+                activated = kernels.silu_mul(gate_up)
+            else:
+                activated = layer["act"](gate_up[..., :layer["intermediate"]]) * gate_up[..., layer["intermediate"]:]
+            hidden = hidden + linear(layer["down"], activated)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return linear(self.head, norm(hidden, self.model.model.norm)).float()
