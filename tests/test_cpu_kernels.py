@@ -222,3 +222,30 @@ def test_silu_mul_equals_torch(portable, dtype):
         assert (out == expected).float().mean() > 0.99
     with pytest.raises(RuntimeError, match="even"):
         cpu_kernels.silu_mul(gate_up[..., :7], portable=portable)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+# 1000 = 15 blocks of 64 and 40: k 5 searches the blocks that reach the floor, k 20 takes every logit (20 >= 16
+# blocks); k 1000: the whole row
+@pytest.mark.parametrize("k", [5, 20, 1000])
+def test_top_k_equals_torch(portable, k):
+    """Values as torch.topk's, best first; ids of equal values in ascending order. Rows of few distinct values
+    (many ties), -inf logits, a row whose best logits sit in one block, a row holding NaN."""
+    torch.manual_seed(k)
+    logits = torch.randint(-6, 6, (5, 1000)).float()
+    logits[1] = torch.randn(1000)
+    logits[2, 300:364] = 50 + torch.arange(64.0)  # all of the best in block 4
+    logits[3, ::3] = -float("inf")
+    values, ids = cpu_kernels.top_k(logits, k, portable=portable)
+    expected = logits.topk(k, dim=-1).values
+    assert torch.equal(values[:4], expected[:4]) and ids.dtype == torch.int64
+    assert torch.equal(logits.gather(1, ids)[:4], values[:4])
+    for row in range(4):
+        for value in values[row].unique():  # equal values: their lowest ids, ascending
+            chosen = ids[row][values[row] == value]
+            everywhere = (logits[row] == value).nonzero().squeeze(1)
+            assert torch.equal(chosen, everywhere[:len(chosen)])
+    logits[4, 7] = float("nan")
+    assert cpu_kernels.top_k(logits, k, portable=portable)[0][4].isnan().all()
+    with pytest.raises(RuntimeError, match="k = 1001"):
+        cpu_kernels.top_k(logits, 1001, portable=portable)

@@ -128,6 +128,13 @@ def silu_mul(gate_up: torch.Tensor, portable: bool = False) -> torch.Tensor:
     return compiled(portable).silu_mul(gate_up)
 
 
+def top_k(logits: torch.Tensor, k: int, portable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` largest logits (rows, vocabulary; fp32) and their ids, best first: ``logits.topk(k)``'s
+    values, ids of equal values in ascending order. A row holding NaN gets NaN values (torch ranks NaN first)."""
+    values, ids = compiled(portable).top_k(logits, k)
+    return values, ids
+
+
 def pack_panels(weight: torch.Tensor, portable: bool = False) -> torch.Tensor:
     """An fp32 weight (out_features, in_features) laid out for `panel_linear` (a copy, zero-padded to whole panels)."""
     return compiled(portable).pack_panels(weight)

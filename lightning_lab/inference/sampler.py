@@ -117,6 +117,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_laye
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lightning_lab.inference import cpu_kernels as kernels
 from lightning_lab.inference import packed
 from lightning_lab.inference.llama_decoder import LlamaDecoder, unsupported_reason
 from lightning_lab.inference.packed import PackedLinears
@@ -527,7 +528,7 @@ def sampling_weights(logits: torch.Tensor, params: SamplingParams) -> tuple[torc
     if not params.top_k and params.top_p >= 1:
         return (logits / params.temperature).softmax(dim=-1), None
     candidates = min(params.top_k or TOP_P_CANDIDATES, logits.shape[-1])
-    values, indices = logits.topk(candidates, dim=-1)  # sorted, best first (a temperature keeps the order)
+    values, indices = top_logits(logits, candidates)  # sorted, best first (a temperature keeps the order)
     values = values / params.temperature
     if params.top_k:  # renormalise within the top k
         probs = values.softmax(dim=-1)
@@ -544,6 +545,14 @@ def sampling_weights(logits: torch.Tensor, params: SamplingParams) -> tuple[torc
         mass_before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(mass_before >= params.top_p, 0.0)
     return probs, indices
+
+
+def top_logits(logits: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits.topk(count)``: on CPU through the kernel of ``cpu_kernels.cpp`` where it builds (0.2 ms against
+    torch's 1.9 ms for 32 rows of SmolLM2's 49,152 logits; equal values may come in another order)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.load() is not None:
+        return kernels.top_k(logits, count)
+    return logits.topk(count, dim=-1)
 
 
 def _widen_short_rows(scaled: torch.Tensor, log_total: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor,
