@@ -8,10 +8,12 @@ per token through transformers' forward with prepacked weights, 31 ms here). `Ll
 same function from the same weights with fewer operations:
 
 - one product for q, k and v and one for gate and up (weights concatenated once; on CPU prepacked for
-  oneDNN, see ``packed.py``); the concatenated products are the same dot products. A pass over one or two
-  rows on CPU takes its products from ``cpu_kernels.cpp`` instead (`kernels.small_linear`, from the
-  unstacked weights), which reads the weights faster there;
-- cos/sin of the rotary embedding looked up in a table that the model's own rotary module filled;
+  oneDNN, see ``packed.py``); the concatenated products are the same dot products. On CPU with the kernels
+  of ``cpu_kernels.cpp``, a pass over one or two rows takes its products from `kernels.small_linear` (the
+  unstacked weights), and an fp32 pass over more rows from `kernels.panel_linear` (the weights packed in
+  panels), both faster there than oneDNN;
+- cos/sin of the rotary embedding looked up in a table that the model's own rotary module filled (applied by
+  `kernels.rotary` on CPU, and silu(gate) * up by `kernels.silu_mul`, each one pass);
 - RMSNorm computed in fp32, rounded once, times the weight (transformers' rounding): `F.rms_norm`, or on CPU
   one pass of ``cpu_kernels.cpp``;
 - attention: one-token steps on CPU use the kernel of ``cpu_kernels.cpp`` when it builds (``cpu_kernels``

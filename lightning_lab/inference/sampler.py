@@ -82,15 +82,17 @@ depend on the seed, only on the arithmetic; the step-wise API draws from its own
 Engines: Llama-family models (SmolLM2 among them) run through `LlamaDecoder`, the same forward pass
 written out with fewer operations (``llama_decoder.py``; ``llama_decoder=False`` uses transformers'
 forward instead); every other model, and a model with adapter layers, through transformers' forward. On
-CPU the decoder runs its norms, one-token attention and one- or two-row products through
-``cpu_kernels.cpp`` when it builds (``cpu_kernels``); with ``cpu_kernels=False`` both engines give the same
-bf16 logits bit for bit, with the kernels they differ by bf16 rounding.
+CPU the decoder runs its norms, rotary embedding, activation, one-token attention and products (one- or
+two-row passes; fp32 batches) through ``cpu_kernels.cpp`` when it builds (``cpu_kernels``), and so does the
+sampling's top-k; with ``cpu_kernels=False`` both engines give the same bf16 logits bit for bit, with the
+kernels they differ by bf16 rounding.
 
 Speed (``bench/sampler.py`` measures it against ``transformers.generate``): shared prefill; the preallocated
 cache; the written-out forward; a 4D decode mask that keeps SDPA on its fast grouped-query path
 (`Sampler._decode_mask`); oneDNN-prepacked linear weights on CPU (``packed.py``, ``pack_weights``); CPU
 kernels for one-token attention (the n samples of a prompt read its keys once, `KVCache.shared_prefix`),
-RMSNorm and the products of one-row passes (``cpu_kernels.cpp``, ``cpu_kernels``); batched on-device
+RMSNorm, rotary, silu(gate) * up, top-k, the products of one-row passes and fp32 products from packed
+panels (``cpu_kernels.cpp``, ``cpu_kernels``); batched on-device
 sampling with the top-k shortcut for top-p and an inverse-CDF draw (`draw`); dropping finished rows; one
 host sync per step; attention capture batched over layers; prompt lookup for greedy single sequences
 (opt-in). Measured and not kept (2-core CPU, figures in the README): ``torch.compile`` (of the whole
@@ -482,11 +484,13 @@ AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)  # the same masks 
 # ---- sampling -----------------------------------------------------------------------------------
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from fp32 logits (rows, vocab): argmax, or temperature -> top-k -> top-p -> draw."""
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                  cpu_kernels: bool | None = None) -> torch.Tensor:
+    """Next token per row from fp32 logits (rows, vocab): argmax, or temperature -> top-k -> top-p -> draw.
+    ``cpu_kernels`` False: torch's top-k (see `top_logits`)."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    weights, indices = sampling_weights(logits, params)
+    weights, indices = sampling_weights(logits, params, cpu_kernels)
     choice = draw(weights, generator)
     return choice if indices is None else indices.gather(-1, choice[:, None]).squeeze(-1)
 
@@ -521,14 +525,15 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return (chosen * block + within).squeeze(-1)
 
 
-def sampling_weights(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sampling_weights(logits: torch.Tensor, params: SamplingParams,
+                     cpu_kernels: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Unnormalised sampling weights (rows, candidates) and the candidates' token ids (None: the whole vocabulary).
 
     Rows may carry zero-weight padding at the end (a row that needed fewer candidates than another)."""
     if not params.top_k and params.top_p >= 1:
         return (logits / params.temperature).softmax(dim=-1), None
     candidates = min(params.top_k or TOP_P_CANDIDATES, logits.shape[-1])
-    values, indices = top_logits(logits, candidates)  # sorted, best first (a temperature keeps the order)
+    values, indices = top_logits(logits, candidates, cpu_kernels)  # sorted, best first (a temperature keeps the order)
     values = values / params.temperature
     if params.top_k:  # renormalise within the top k
         probs = values.softmax(dim=-1)
@@ -547,10 +552,12 @@ def sampling_weights(logits: torch.Tensor, params: SamplingParams) -> tuple[torc
     return probs, indices
 
 
-def top_logits(logits: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``logits.topk(count)``: on CPU through the kernel of ``cpu_kernels.cpp`` where it builds (0.2 ms against
-    torch's 1.9 ms for 32 rows of SmolLM2's 49,152 logits; equal values may come in another order)."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.load() is not None:
+def top_logits(logits: torch.Tensor, count: int, cpu_kernels: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits.topk(count)``: on CPU through the kernel of ``cpu_kernels.cpp`` where it builds, unless
+    ``cpu_kernels`` is False (0.2 ms against torch's 1.9 ms for 32 rows of SmolLM2's 49,152 logits; equal values
+    may come in another order)."""
+    if (cpu_kernels is not False and logits.device.type == "cpu" and logits.dtype == torch.float32
+            and kernels.load() is not None):
         return kernels.top_k(logits, count)
     return logits.topk(count, dim=-1)
 
@@ -625,9 +632,9 @@ class Sampler:
 
     ``pack_weights``: prepack linear weights for oneDNN (default: on CPU). ``llama_decoder``: run the
     written-out Llama forward (default: when the model supports it; True makes an unsupported model an error).
-    ``cpu_kernels``: the decoder's norms, one-token attention and one-row products on CPU through
-    ``cpu_kernels.cpp`` (default: when it builds and takes the model; True makes that an error otherwise;
-    False keeps torch's operations, whose bf16 logits equal transformers' bit for bit).
+    ``cpu_kernels``: the decoder's norms, rotary embedding, activation, one-token attention and products, and the
+    sampling's top-k, on CPU through ``cpu_kernels.cpp`` (default: when it builds and takes the model; True makes
+    that an error otherwise; False keeps torch's operations, whose bf16 logits equal transformers' bit for bit).
     """
 
     def __init__(self, loaded, pack_weights: bool | None = None, llama_decoder: bool | None = None,
@@ -826,7 +833,7 @@ class Sampler:
         seconds = [0.0] * num_rows
         decode_started = time.perf_counter()
         for _ in range(max_new_tokens):
-            tokens = choose_tokens(logits, params, generator)
+            tokens = choose_tokens(logits, params, generator, self.cpu_kernels)
             if signals:
                 for row, values in zip(rows, token_signals(logits, tokens, **signals).tolist()):
                     signals_of[row].append(values)
@@ -1028,7 +1035,7 @@ class Sampler:
     def step(self, state: DecodeState) -> StepOutput:
         """Sample the next token, feed it to the model, return it with its signals (module docstring)."""
         logits = state.logits[-1][None]
-        token = choose_tokens(logits, state.params, state.generator)
+        token = choose_tokens(logits, state.params, state.generator, self.cpu_kernels)
         return self._consume(state, token)[0]
 
     @torch.inference_mode()
