@@ -545,7 +545,8 @@ std::vector<torch::Tensor> top_k(torch::Tensor logits, int64_t k) {
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t width = std::min(BLOCK, V - b * BLOCK);
         // a whole block with a fixed count, which the compiler vectorises
-        maxima[b] = width == BLOCK ? block_maximum(row + b * BLOCK, BLOCK, nan) : block_maximum(row + b * BLOCK, width, nan);
+        const float* block = row + b * BLOCK;
+        maxima[b] = width == BLOCK ? block_maximum(block, BLOCK, nan) : block_maximum(block, width, nan);
       }
       float* out = top + r * k;
       int64_t* out_ids = top_ids + r * k;
@@ -616,9 +617,10 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t out_fe
       for (int64_t row = 0, block = 0; row < rows; row += PANEL_ROWS, ++block) {
         // a panel is PANEL_LANES cache lines per k: the first row blocks each prefetch a part of the next one
         const bool prefetching = next && block < PANEL_LANES;
+        const int64_t first_column = panel * PANEL_COLUMNS;
         panel_rows_up_to(std::min(PANEL_ROWS, rows - row), in + row * K, K, weight,
-                         added ? added + panel * PANEL_COLUMNS : nullptr, o + row * out_features + panel * PANEL_COLUMNS,
-                         out_features, columns, prefetching ? next + block * K * 64 : nullptr);
+                         added ? added + first_column : nullptr, o + row * out_features + first_column, out_features,
+                         columns, prefetching ? next + block * K * 64 : nullptr);
       }
     }
   });

@@ -2,9 +2,10 @@
 activation, linear layers for one or two rows and for fp32 batches), compiled on first use.
 
 `LlamaDecoder` calls them on CPU when they build: `decode_attention` for one-token steps, `rms_norm` for
-every norm, `rotary` and `silu_mul` for the steps between the products, `small_linear` for every product of a pass over one or two rows, `panel_linear` for the other fp32
-products where the build has AVX-512; elsewhere (CUDA, MPS, no C++
-compiler) it keeps torch's SDPA, `F.rms_norm` and the oneDNN products of ``packed.py``. The build (torch's
+every norm, `rotary` and `silu_mul` for the steps between the products, `small_linear` for every product of
+a pass over one or two rows, `panel_linear` for the other fp32 products where the build has AVX-512; the
+sampler takes its top-k candidates from `top_k`. Elsewhere (CUDA, MPS, no C++ compiler) they keep torch's
+SDPA, `F.rms_norm`, `topk` and the oneDNN products of ``packed.py``. The build (torch's
 `cpp_extension.load`: a C++ compiler and ninja) takes ~40 s once; the library is then cached under torch's
 extension directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and loads in well under
 a second. ``python -m lightning_lab.inference.cpu_kernels`` builds it ahead of time (the Makefile does).
@@ -131,7 +132,7 @@ def silu_mul(gate_up: torch.Tensor, portable: bool = False) -> torch.Tensor:
 def top_k(logits: torch.Tensor, k: int, portable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's ``k`` largest logits (rows, vocabulary; fp32) and their ids, best first: ``logits.topk(k)``'s
     values, ids of equal values in ascending order. A row holding NaN gets NaN values (torch ranks NaN first)."""
-    values, ids = compiled(portable).top_k(logits, k)
+    values, ids = compiled(portable).top_k(logits, k)  # pybind returns a list
     return values, ids
 
 

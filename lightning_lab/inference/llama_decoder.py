@@ -150,11 +150,11 @@ class LlamaDecoder:
         use_kernels = self._use_kernels(cpu_kernels, hidden)
         norm = kernel_rms_norm if use_kernels else rms_norm
         linear = kernel_linear if use_kernels else FusedLinear.__call__
-        turn = kernels.rotary if use_kernels else rotate
+        apply_rotary = kernels.rotary if use_kernels else rotate
         for index, layer in enumerate(self.layers):
             x = norm(hidden, layer["input_norm"])
             qkv = linear(layer["qkv"], x).view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
-            query_key = turn(qkv[:, :heads + kv_heads], cos, sin)  # (rows, heads + kv_heads, tokens, head_dim)
+            query_key = apply_rotary(qkv[:, :heads + kv_heads], cos, sin)  # (rows, heads + kv_heads, tokens, head_dim)
             query, key = query_key[:, :heads], query_key[:, heads:]
             attended = self._attend(index, query, key, qkv[:, heads + kv_heads:], cache, mask, causal, capture,
                                     use_kernels)

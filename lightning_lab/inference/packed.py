@@ -78,7 +78,8 @@ class FusedLinear:
         self.bias = None
         if any(module.bias is not None for module in self.linears):
             self.bias = torch.cat([module.bias.detach() if module.bias is not None
-                                   else self.source_weights[0].new_zeros(module.out_features) for module in self.linears])
+                                   else weight.new_zeros(module.out_features)
+                                   for module, weight in zip(self.linears, self.source_weights)])
         self.packed = self.pack and worth_packing(*self.source_weights)
         self.layouts = {}  # the stacked weight as each kind of product reads it, made at first use
 
