@@ -287,6 +287,9 @@ void small_linear_rows(const torch::Tensor& x, const torch::Tensor& x_wide, cons
 constexpr int PANEL_LANES = 3;
 constexpr int64_t PANEL_COLUMNS = 16 * PANEL_LANES, PANEL_ROWS = 8;
 
+// How many panels hold `out_features` columns.
+inline int64_t panel_count(int64_t out_features) { return (out_features + PANEL_COLUMNS - 1) / PANEL_COLUMNS; }
+
 inline void prefetch(const char* address) {
 #if defined(__GNUC__)
   __builtin_prefetch(address);
@@ -331,6 +334,19 @@ void panel_rows_up_to(int64_t rows, const float* x, int64_t K, const float* pane
 // `value` rounded to scalar_t and back: where torch's bf16 operations round each result.
 template <typename scalar_t>
 inline float rounded(float value) { return widen(static_cast<scalar_t>(value)); }
+
+// The largest of `width` values; `nan` set when one is NaN (by its bits: -ffast-math lets the compiler assume
+// there is none).
+inline float block_maximum(const float* values, int64_t width, uint32_t& nan) {
+  float top = values[0];
+  for (int64_t j = 0; j < width; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, values + j, sizeof bits);
+    nan |= (bits & 0x7fffffffu) > 0x7f800000u;
+    top = top > values[j] ? top : values[j];
+  }
+  return top;
+}
 
 // Calls run(zero) with a zero of the C++ type of `type`: c10::BFloat16 or float.
 template <typename Run>
@@ -507,19 +523,6 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
-// The largest of `width` values; `nan` set when one is NaN (by its bits: -ffast-math lets the compiler assume
-// there is none).
-inline float block_maximum(const float* values, int64_t width, uint32_t& nan) {
-  float top = values[0];
-  for (int64_t j = 0; j < width; ++j) {
-    uint32_t bits;
-    std::memcpy(&bits, values + j, sizeof bits);
-    nan |= (bits & 0x7fffffffu) > 0x7f800000u;
-    top = top > values[j] ? top : values[j];
-  }
-  return top;
-}
-
 // logits (rows, V) fp32 -> values (rows, k), ids (rows, k) int64: each row's k largest, best first, ids of equal
 // values in ascending order. A row holding NaN gets NaN values (torch.topk ranks NaN first; the sampler's draw
 // then refuses the row, as it would torch's).
@@ -583,7 +586,7 @@ torch::Tensor pack_panels(torch::Tensor weight) {
   TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.scalar_type() == torch::kFloat,
               "weight must be a CPU float32 (out_features, in_features) tensor");
   const int64_t out_features = weight.size(0), K = weight.size(1);
-  const int64_t panels = (out_features + PANEL_COLUMNS - 1) / PANEL_COLUMNS;
+  const int64_t panels = panel_count(out_features);
   auto padded = torch::zeros({panels * PANEL_COLUMNS, K}, weight.options());
   padded.narrow(0, 0, out_features).copy_(weight);
   return padded.view({panels, PANEL_COLUMNS, K}).transpose(1, 2).contiguous();
@@ -598,7 +601,7 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t out_fe
   const int64_t rows = x.size(0), K = x.size(1);
   TORCH_CHECK(panels.dim() == 3 && panels.size(1) == K && panels.size(2) == PANEL_COLUMNS &&
               panels.scalar_type() == torch::kFloat && panels.is_contiguous() &&
-              panels.size(0) == (out_features + PANEL_COLUMNS - 1) / PANEL_COLUMNS,
+              panels.size(0) == panel_count(out_features),
               "panels must be pack_panels' output for a (out_features, in_features) weight with x's in_features");
   if (bias.has_value())
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->scalar_type() == torch::kFloat,
@@ -611,13 +614,13 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t out_fe
   // one task per panel: its weights come from memory once, for every row (the rows stay in the caches)
   at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; ++panel) {
-      const int64_t columns = std::min(PANEL_COLUMNS, out_features - panel * PANEL_COLUMNS);
+      const int64_t first_column = panel * PANEL_COLUMNS;
+      const int64_t columns = std::min(PANEL_COLUMNS, out_features - first_column);
       const float* weight = weights + panel * K * PANEL_COLUMNS;
       const char* next = panel + 1 < end ? reinterpret_cast<const char*>(weight + K * PANEL_COLUMNS) : nullptr;
       for (int64_t row = 0, block = 0; row < rows; row += PANEL_ROWS, ++block) {
         // a panel is PANEL_LANES cache lines per k: the first row blocks each prefetch a part of the next one
         const bool prefetching = next && block < PANEL_LANES;
-        const int64_t first_column = panel * PANEL_COLUMNS;
         panel_rows_up_to(std::min(PANEL_ROWS, rows - row), in + row * K, K, weight,
                          added ? added + first_column : nullptr, o + row * out_features + first_column, out_features,
                          columns, prefetching ? next + block * K * 64 : nullptr);
