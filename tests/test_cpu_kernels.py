@@ -1,5 +1,5 @@
-"""The CPU kernels (cpu_kernels.cpp): attention and one-row products against float64, RMSNorm against
-transformers'."""
+"""The CPU kernels (cpu_kernels.cpp): attention and products (one- or two-row, fp32 panels) against float64;
+RMSNorm, rotary, silu(gate) * up and top-k against torch's and transformers' own."""
 
 from __future__ import annotations
 

@@ -532,6 +532,19 @@ def tiny_qwen2(tiny: LoadedModel, **settings) -> LoadedModel:
     return varied(LoadedModel(qwen, tiny.tokenizer, "qwen2", torch.device("cpu"), torch.float32))
 
 
+def greedy_on_both(ours: Sampler, theirs: Sampler) -> list:
+    """Each sampler's greedy decode of PROMPTS (8 tokens, with log-probs)."""
+    return [sampler.generate(PROMPTS, greedy=True, max_new_tokens=8, chat=False, logprobs=True)
+            for sampler in (ours, theirs)]
+
+
+def assert_same_decode(outs: list) -> None:
+    """Two engines' decodes (`greedy_on_both`): the same tokens, log-probs to fp32 rounding."""
+    for mine, reference in zip(*(out.prompts for out in outs)):
+        assert mine.completions[0].token_ids == reference.completions[0].token_ids
+        assert mine.completions[0].logprobs == pytest.approx(reference.completions[0].logprobs, abs=1e-4)
+
+
 def test_llama_decoder_runs_qwen2_with_its_qkv_biases(tiny):
     loaded = tiny_qwen2(tiny)
     qwen = loaded.model
@@ -540,17 +553,13 @@ def test_llama_decoder_runs_qwen2_with_its_qkv_biases(tiny):
             if name.endswith("bias"):
                 parameter.normal_(0.0, 0.3)
     ours, theirs = Sampler(loaded), Sampler(loaded, llama_decoder=False)
-    outs = [sampler.generate(PROMPTS, greedy=True, max_new_tokens=8, chat=False, logprobs=True)
-            for sampler in (ours, theirs)]
+    outs = greedy_on_both(ours, theirs)
     assert ours.decoder is not None and ours.decoder.layers[0]["qkv"].bias is not None
-    for mine, reference in zip(*(out.prompts for out in outs)):
-        assert mine.completions[0].token_ids == reference.completions[0].token_ids
-        assert mine.completions[0].logprobs == pytest.approx(reference.completions[0].logprobs, abs=1e-4)
+    assert_same_decode(outs)
     with torch.no_grad():  # an in-place bias update (an optimizer step) reaches the stacked biases
         for layer in qwen.model.layers:
             layer.self_attn.k_proj.bias.mul_(-3.0)
-    after = [sampler.generate(PROMPTS, greedy=True, max_new_tokens=8, chat=False, logprobs=True)
-             for sampler in (ours, theirs)]
+    after = greedy_on_both(ours, theirs)
     assert [p.completions[0].logprobs for p in after[0].prompts] != [p.completions[0].logprobs for p in outs[0].prompts]
     for mine, reference in zip(*(out.prompts for out in after)):
         assert mine.completions[0].logprobs == pytest.approx(reference.completions[0].logprobs, abs=1e-4)
@@ -560,12 +569,9 @@ def test_llama_decoder_keeps_a_model_s_own_activation(tiny):
     """The kernels fuse silu(gate) * up; a model with another activation keeps its own (and its numbers)."""
     loaded = tiny_qwen2(tiny, hidden_act="gelu_pytorch_tanh")
     ours, theirs = Sampler(loaded), Sampler(loaded, llama_decoder=False)
-    outs = [sampler.generate(PROMPTS, greedy=True, max_new_tokens=8, chat=False, logprobs=True)
-            for sampler in (ours, theirs)]
+    outs = greedy_on_both(ours, theirs)
     assert not ours.decoder.layers[0]["silu"] and Sampler(tiny_qwen2(tiny)).decoder.layers[0]["silu"]
-    for mine, reference in zip(*(out.prompts for out in outs)):
-        assert mine.completions[0].token_ids == reference.completions[0].token_ids
-        assert mine.completions[0].logprobs == pytest.approx(reference.completions[0].logprobs, abs=1e-4)
+    assert_same_decode(outs)
 
 
 def test_a_sliding_window_model_decodes_on_a_dynamic_cache_and_refuses_prompt_lookup(tiny):
