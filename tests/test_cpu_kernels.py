@@ -164,6 +164,11 @@ def test_panel_linear_equals_exact_products(portable, rows, out_features, in_fea
         out = cpu_kernels.panel_linear(x, panels, out_features, with_bias, portable=portable)
         assert out.shape == (rows, 1, out_features) and out.dtype == torch.float32
         assert_within_rounding(out, x, weight, with_bias)
+    # a residual is added to each output (with the bias, in an order the compiler picks: fp32 rounding apart)
+    residual = torch.randn(rows, 1, out_features)
+    added = cpu_kernels.panel_linear(x, panels, out_features, bias, residual, portable=portable)
+    expected = cpu_kernels.panel_linear(x, panels, out_features, bias, portable=portable) + residual
+    assert torch.allclose(added, expected, rtol=1e-6, atol=1e-6) and not torch.allclose(added, expected - residual)
 
 
 def test_panel_linear_refuses_what_it_does_not_take():
@@ -179,6 +184,23 @@ def test_panel_linear_refuses_what_it_does_not_take():
         cpu_kernels.panel_linear(torch.randn(4, 16), panels, 200)
     with pytest.raises(RuntimeError, match="bias must be"):
         cpu_kernels.panel_linear(torch.randn(4, 16), panels, 50, torch.randn(49))
+    with pytest.raises(RuntimeError, match="residual must be"):
+        cpu_kernels.panel_linear(torch.randn(4, 16), panels, 50, None, torch.randn(3, 50))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_linear_takes_the_kernel_its_weights_are_laid_out_for(dtype):
+    """`linear` (what the decoder calls) runs `small_linear` on unstacked weights and `panel_linear` on panels,
+    a residual added after the product is rounded, as torch's ``residual + product`` adds it."""
+    torch.manual_seed(0)
+    weights, bias = [torch.randn(20, 32).to(dtype), torch.randn(12, 32).to(dtype)], torch.randn(32).to(dtype)
+    one_row, residual = torch.randn(1, 32).to(dtype), torch.randn(1, 32).to(dtype)
+    small = cpu_kernels.linear(one_row, (weights, bias, 32), residual)
+    assert torch.equal(small, cpu_kernels.small_linear(one_row, weights, bias) + residual)
+    if dtype == torch.float32:
+        panels, rows = cpu_kernels.pack_panels(torch.cat(weights)), torch.randn(5, 32)
+        expected = cpu_kernels.panel_linear(rows, panels, 32, bias)
+        assert torch.equal(cpu_kernels.linear(rows, ([panels], bias, 32)), expected)
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])

@@ -174,16 +174,17 @@ def test_samples_that_finish_apart_read_the_shared_prompt_right(tiny, monkeypatc
     from lightning_lab.inference import llama_decoder
 
     calls = []
-    original = llama_decoder.kernels.decode_attention
+    original = llama_decoder.kernels.decode_layer
 
-    def checked(query, keys, values, mask, scale, shared_prefix=None, **kwargs):
+    def checked(*args):  # each layer of a one-token step: its attention reads the cache's buffers
+        key_buffer, shared_prefix = args[6], args[10]
         if shared_prefix is not None:
             sources, length = shared_prefix
-            assert torch.equal(keys[sources, :, :length], keys[:, :, :length])  # the sources hold the same prompt
+            assert torch.equal(key_buffer[sources, :, :length], key_buffer[:, :, :length])  # the same prompt
             calls.append(len(sources))
-        return original(query, keys, values, mask, scale, shared_prefix, **kwargs)
+        return original(*args)
 
-    monkeypatch.setattr(llama_decoder.kernels, "decode_attention", checked)
+    monkeypatch.setattr(llama_decoder.kernels, "decode_layer", checked)
     sampler = Sampler(tiny, cpu_kernels=True)
     out = sampler.generate(PROMPTS[:2], n=5, max_new_tokens=12, temperature=1.0, seed=0, chat=False, logprobs=True,
                            stop=["e", "a"])
@@ -472,6 +473,38 @@ def test_llama_decoder_equals_transformers_forward(tiny_llama_dir, dtype, kernel
         state = sampler.start(PROMPTS[1], greedy=True, chat=False)
         forced.append([sampler.step(state).logprob] + [o.logprob for o in sampler.append(state, [5, 17, 42])])
     same(*forced)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("prompts, n", [(PROMPTS[1], 1), (PROMPTS[:2], 1), (PROMPTS, 4)],
+                         ids=["one row", "two rows padded", "twelve rows sharing prompts"])
+def test_one_call_per_layer_equals_the_layer_by_layer_loop(tiny_llama_dir, monkeypatch, dtype, prompts, n):
+    """One-token steps on the kernels run each layer as one `decode_layer` call (one- and two-row products; fp32
+    panels), taken with padding, shared prompts and captured heads; the same numbers as `forward`'s own loop.
+    bf16 beyond two rows has oneDNN's products, which the call does not make: the loop runs there."""
+    from lightning_lab.inference.llama_decoder import LlamaDecoder
+
+    loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype=dtype), seed=2)
+    calls = []
+    real_decode_layer = cpu_kernels.decode_layer
+    monkeypatch.setattr(cpu_kernels, "decode_layer", lambda *args: calls.append(1) or real_decode_layer(*args))
+    one_call = LlamaDecoder._layers_in_one_call
+
+    def decode(layer_by_layer: bool):
+        monkeypatch.setattr(LlamaDecoder, "_layers_in_one_call",
+                            (lambda *args: False) if layer_by_layer else one_call)
+        return Sampler(loaded).generate(prompts, n=n, max_new_tokens=6, chat=False, seed=3, logprobs=True,
+                                        capture_heads=HEADS, ignore_eos=True)
+
+    ours, loop = decode(layer_by_layer=False), decode(layer_by_layer=True)
+    rows = (1 if isinstance(prompts, str) else len(prompts)) * n
+    assert len(calls) == (0 if dtype == "bf16" and rows > 2 else 2 * 6)  # 2 layers, 6 one-token steps
+    for mine, reference in zip(ours.completions, loop.completions):
+        for a, b in zip(mine, reference):
+            assert a.token_ids == b.token_ids
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+            assert torch.allclose(torch.tensor(a.attention), torch.tensor(b.attention), atol=1e-6)
 
 
 def fp32_twin(loaded: LoadedModel, source: str) -> torch.nn.Module:

@@ -34,6 +34,9 @@
 // sums in 24 registers, and while a thread computes one panel it prefetches its next, so that the weights
 // stream from memory under the arithmetic.
 //
+// decode_layer: a whole decoder layer of a one-token step in one call from Python, the kernels above chained
+// here (LlamaDecoder.forward's loop dispatches ~30 operations a layer, ~35 us of a 32-row fp32 layer's ~1.8 ms).
+//
 // Lanes: 16 fp32 values. With AVX-512 they are one register; elsewhere (or built with LAB_PORTABLE) a plain
 // array whose loops the compiler vectorises. The attention below is written once against these few functions.
 
@@ -297,11 +300,11 @@ inline void prefetch(const char* address) {
 }
 
 // R rows of x (each K long) times one panel (K x PANEL_COLUMNS, column-fastest): out[m * out_stride + c] for
-// the first `columns` columns, plus bias[c] when given. Meanwhile one cache line per k from `next` (a part of
-// the thread's next panel) is prefetched, when `next` is not null.
+// the first `columns` columns, plus bias[c] and then residual[m * out_stride + c] when given. Meanwhile one cache
+// line per k from `next` (a part of the thread's next panel) is prefetched, when `next` is not null.
 template <int R>
-void panel_rows(const float* x, int64_t K, const float* panel, const float* bias, float* out, int64_t out_stride,
-                int64_t columns, const char* next) {
+void panel_rows(const float* x, int64_t K, const float* panel, const float* bias, const float* residual, float* out,
+                int64_t out_stride, int64_t columns, const char* next) {
   Lanes sums[R][PANEL_LANES];
   for (int m = 0; m < R; ++m)
     for (int v = 0; v < PANEL_LANES; ++v) sums[m][v] = broadcast(0.f);
@@ -317,18 +320,21 @@ void panel_rows(const float* x, int64_t K, const float* panel, const float* bias
   for (int m = 0; m < R; ++m) {
     float tile[PANEL_COLUMNS];
     for (int v = 0; v < PANEL_LANES; ++v) store(tile + 16 * v, sums[m][v]);
-    for (int64_t c = 0; c < columns; ++c) out[m * out_stride + c] = tile[c] + (bias ? bias[c] : 0.f);
+    for (int64_t c = 0; c < columns; ++c) {
+      const float biased = tile[c] + (bias ? bias[c] : 0.f);  // -ffast-math may add bias and residual in any order
+      out[m * out_stride + c] = residual ? biased + residual[m * out_stride + c] : biased;
+    }
   }
 }
 
 // panel_rows for R = `rows` (1..PANEL_ROWS: the last rows of x may be fewer), chosen at run time.
 template <int R = PANEL_ROWS>
-void panel_rows_up_to(int64_t rows, const float* x, int64_t K, const float* panel, const float* bias, float* out,
-                      int64_t out_stride, int64_t columns, const char* next) {
+void panel_rows_up_to(int64_t rows, const float* x, int64_t K, const float* panel, const float* bias,
+                      const float* residual, float* out, int64_t out_stride, int64_t columns, const char* next) {
   if constexpr (R > 1)
     if (rows < R)
-      return panel_rows_up_to<R - 1>(rows, x, K, panel, bias, out, out_stride, columns, next);
-  panel_rows<R>(x, K, panel, bias, out, out_stride, columns, next);
+      return panel_rows_up_to<R - 1>(rows, x, K, panel, bias, residual, out, out_stride, columns, next);
+  panel_rows<R>(x, K, panel, bias, residual, out, out_stride, columns, next);
 }
 
 // `value` rounded to scalar_t and back: where torch's bf16 operations round each result.
@@ -592,10 +598,10 @@ torch::Tensor pack_panels(torch::Tensor weight) {
   return padded.view({panels, PANEL_COLUMNS, K}).transpose(1, 2).contiguous();
 }
 
-// x (rows, K) fp32 times the weight that `pack_panels` packed into `panels`, plus bias (out_features) when given:
-// (rows, out_features), each output one fp32 sum over k in order.
+// x (rows, K) fp32 times the weight that `pack_panels` packed into `panels`, plus bias (out_features) and then
+// residual (rows, out_features) when given: (rows, out_features), each output one fp32 sum over k in order.
 torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t out_features,
-                           c10::optional<torch::Tensor> bias) {
+                           c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == torch::kFloat,
               "x must be a CPU float32 (rows, in_features) tensor");
   const int64_t rows = x.size(0), K = x.size(1);
@@ -606,10 +612,15 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t out_fe
   if (bias.has_value())
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->scalar_type() == torch::kFloat,
                 "bias must be (out_features,) float32");
+  if (residual.has_value())
+    TORCH_CHECK(residual->sizes() == torch::IntArrayRef({rows, out_features}) &&
+                residual->scalar_type() == torch::kFloat, "residual must be (rows, out_features) float32");
   const torch::Tensor input = x.contiguous(), offsets = bias.has_value() ? bias->contiguous() : torch::Tensor();
+  const torch::Tensor skip = residual.has_value() ? residual->contiguous() : torch::Tensor();
   auto out = torch::empty({rows, out_features}, x.options());
   const float *in = input.data_ptr<float>(), *weights = panels.data_ptr<float>();
   const float* added = offsets.defined() ? offsets.data_ptr<float>() : nullptr;
+  const float* skipped = skip.defined() ? skip.data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
   // one task per panel: its weights come from memory once, for every row (the rows stay in the caches)
   at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
@@ -621,13 +632,64 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t out_fe
       for (int64_t row = 0, block = 0; row < rows; row += PANEL_ROWS, ++block) {
         // a panel is PANEL_LANES cache lines per k: the first row blocks each prefetch a part of the next one
         const bool prefetching = next && block < PANEL_LANES;
+        const int64_t first = row * out_features + first_column;
         panel_rows_up_to(std::min(PANEL_ROWS, rows - row), in + row * K, K, weight,
-                         added ? added + first_column : nullptr, o + row * out_features + first_column, out_features,
-                         columns, prefetching ? next + block * K * 64 : nullptr);
+                         added ? added + first_column : nullptr, skipped ? skipped + first : nullptr, o + first,
+                         out_features, columns, prefetching ? next + block * K * 64 : nullptr);
       }
     }
   });
   return out;
+}
+
+// A product as the decoder hands it over: (weights, bias, out_features), the weights either a FusedLinear's
+// unstacked (out_features_i, in_features) matrices, for small_linear, or one tensor of pack_panels' panels, for
+// panel_linear (the caller chooses, see llama_decoder.kernel_product).
+using Product = std::tuple<std::vector<torch::Tensor>, c10::optional<torch::Tensor>, int64_t>;
+
+// x (rows, in_features) times `product`, plus residual (rows, out_features) when given.
+torch::Tensor linear(torch::Tensor x, const Product& product, c10::optional<torch::Tensor> residual) {
+  const auto& [weights, bias, out_features] = product;
+  if (weights.size() == 1 && weights[0].dim() == 3) return panel_linear(x, weights[0], out_features, bias, residual);
+  torch::Tensor out = small_linear(x, weights, bias);
+  return residual.has_value() ? out.add_(*residual) : out;  // rounded after the product, as torch's two steps are
+}
+
+// One decoder layer over one new token per row, in one call: the ~30 operations that LlamaDecoder.forward
+// dispatches one by one from Python cost ~100 us a layer there. hidden (rows, width); the norms as (weight, eps);
+// the layer's products; cos, signed_sin (rows, 1, 1, head_dim) as `rotary` takes them; key_buffer, value_buffer
+// (rows, kv_heads, capacity, head_dim), where the new key and value go to `position` and attention reads positions
+// 0..position; mask (rows, position + 1) additive or none, prefix_rows and prefix as decode_attention takes them.
+// The MLP's activation is SiLU. Returns the layer's output (rows, width) and the rotated queries (rows, heads,
+// 1, head_dim), for an attention capture.
+std::vector<torch::Tensor> decode_layer(torch::Tensor hidden, std::tuple<torch::Tensor, double> input_norm,
+                                        std::tuple<torch::Tensor, double> post_attention_norm, const Product& qkv,
+                                        const Product& out, const Product& gate_up, const Product& down,
+                                        torch::Tensor cos, torch::Tensor signed_sin, torch::Tensor key_buffer,
+                                        torch::Tensor value_buffer, int64_t position,
+                                        c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> prefix_rows,
+                                        int64_t prefix, double scale) {
+  TORCH_CHECK(hidden.dim() == 2, "hidden must be (rows, width)");
+  TORCH_CHECK(key_buffer.dim() == 4 && value_buffer.sizes() == key_buffer.sizes() &&
+              key_buffer.size(0) == hidden.size(0) && position >= 0 && position < key_buffer.size(2),
+              "key_buffer and value_buffer must be (rows, kv_heads, capacity, head_dim) with room at position");
+  const int64_t rows = hidden.size(0), kv_heads = key_buffer.size(1), D = key_buffer.size(3);
+  const torch::Tensor x = rms_norm(hidden, std::get<0>(input_norm), std::get<1>(input_norm));
+  const torch::Tensor qkv_out = linear(x, qkv, c10::nullopt);
+  const int64_t heads = qkv_out.size(1) / D - 2 * kv_heads;
+  const torch::Tensor heads_out = qkv_out.view({rows, heads + 2 * kv_heads, 1, D});
+  const torch::Tensor turned = rotary(heads_out.narrow(1, 0, heads + kv_heads), cos, signed_sin);
+  key_buffer.select(2, position).copy_(turned.narrow(1, heads, kv_heads).squeeze(2));
+  value_buffer.select(2, position).copy_(heads_out.narrow(1, heads + kv_heads, kv_heads).squeeze(2));
+  const torch::Tensor query = turned.narrow(1, 0, heads);
+  const torch::Tensor attended = decode_attention(query.view({rows, kv_heads, heads / kv_heads, D}),
+                                                  key_buffer.narrow(2, 0, position + 1),
+                                                  value_buffer.narrow(2, 0, position + 1), mask, prefix_rows, prefix,
+                                                  scale);
+  hidden = linear(attended.view({rows, heads * D}), out, hidden);
+  const torch::Tensor normed = rms_norm(hidden, std::get<0>(post_attention_norm), std::get<1>(post_attention_norm));
+  hidden = linear(silu_mul(linear(normed, gate_up, c10::nullopt)), down, hidden);
+  return {hidden, query};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -639,6 +701,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("top_k", &top_k, "Each row's k largest logits and their ids (see the source).");
   module.def("pack_panels", &pack_panels, "An fp32 weight in panel_linear's layout (see the source).");
   module.def("panel_linear", &panel_linear, "An fp32 linear layer from pack_panels' layout (see the source).");
+  module.def("linear", &linear, "small_linear or panel_linear, as the product given says (see the source).");
+  module.def("decode_layer", &decode_layer, "One decoder layer over one new token per row (see the source).");
 #ifdef LAB_AVX512
   module.attr("avx512") = true;
 #else

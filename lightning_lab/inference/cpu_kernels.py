@@ -3,12 +3,13 @@ activation, linear layers for one or two rows and for fp32 batches), compiled on
 
 `LlamaDecoder` calls them on CPU when they build: `decode_attention` for one-token steps, `rms_norm` for
 every norm, `rotary` and `silu_mul` for the steps between the products, `small_linear` for every product of
-a pass over one or two rows, `panel_linear` for the other fp32 products where the build has AVX-512; the
-sampler takes its top-k candidates from `top_k`. Elsewhere (CUDA, MPS, no C++ compiler) they keep torch's
-SDPA, `F.rms_norm`, `topk` and the oneDNN products of ``packed.py``. The build (torch's
-`cpp_extension.load`: a C++ compiler and ninja) takes ~40 s once; the library is then cached under torch's
-extension directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and loads in well under
-a second. ``python -m lightning_lab.inference.cpu_kernels`` builds it ahead of time (the Makefile does).
+a pass over one or two rows, `panel_linear` for the other fp32 products where the build has AVX-512, and
+`decode_layer` to run a whole layer of a one-token step in one call from them; the sampler takes its top-k
+candidates from `top_k`. Elsewhere (CUDA, MPS, no C++ compiler) they keep torch's SDPA, `F.rms_norm`, `topk`
+and the oneDNN products of ``packed.py``. The build (torch's `cpp_extension.load`: a C++ compiler and ninja)
+takes ~40 s once; the library is then cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``,
+default ``~/.cache/torch_extensions``) and loads in well under a second. ``python -m
+lightning_lab.inference.cpu_kernels`` builds it ahead of time (the Makefile does).
 
 Why kernels of our own, measured on the 2-core development CPU (bf16, SmolLM2-135M, 32 rows sharing a
 69-token prompt): SDPA's CPU kernel takes ~20 ms of a ~75 ms decode step, most of it spent per tiny block;
@@ -142,11 +143,47 @@ def pack_panels(weight: torch.Tensor, portable: bool = False) -> torch.Tensor:
 
 
 def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-                 portable: bool = False) -> torch.Tensor:
-    """``x`` (..., in_features), fp32, times the weight that `pack_panels` made ``panels`` of, plus ``bias``:
-    (..., out_features). Each output is one fp32 sum in order of in_features (oneDNN sums in another order)."""
-    out = compiled(portable).panel_linear(x.reshape(-1, x.shape[-1]), panels, out_features, bias)
+                 residual: torch.Tensor | None = None, portable: bool = False) -> torch.Tensor:
+    """``x`` (..., in_features), fp32, times the weight that `pack_panels` made ``panels`` of, plus ``bias``, then
+    plus ``residual`` (..., out_features): (..., out_features). Each output is one fp32 sum in order of in_features
+    (oneDNN sums in another order)."""
+    flat_residual = None if residual is None else residual.reshape(-1, out_features)
+    out = compiled(portable).panel_linear(x.reshape(-1, x.shape[-1]), panels, out_features, bias, flat_residual)
     return out.view(*x.shape[:-1], out_features)
+
+
+# (weights, bias, out_features): a product as `linear` and `decode_layer` take it, the weights either the
+# unstacked (out_features_i, in_features) matrices (`small_linear`, one or two rows) or [panels] (`panel_linear`)
+Product = tuple[list[torch.Tensor], torch.Tensor | None, int]
+
+
+def linear(x: torch.Tensor, product: Product, residual: torch.Tensor | None = None,
+           portable: bool = False) -> torch.Tensor:
+    """``x`` (..., in_features) times ``product``, through `small_linear` or `panel_linear` as its weights say,
+    plus ``residual`` (..., out_features) when given: (..., out_features)."""
+    out_features = product[2]
+    flat_residual = None if residual is None else residual.reshape(-1, out_features)
+    out = compiled(portable).linear(x.reshape(-1, x.shape[-1]), product, flat_residual)
+    return out.view(*x.shape[:-1], out_features)
+
+
+def decode_layer(hidden: torch.Tensor, input_norm: tuple[torch.Tensor, float],
+                 post_attention_norm: tuple[torch.Tensor, float], products: Sequence[Product], cos: torch.Tensor,
+                 signed_sin: torch.Tensor, key_buffer: torch.Tensor, value_buffer: torch.Tensor, position: int,
+                 mask: torch.Tensor | None, shared_prefix: tuple[torch.Tensor, int] | None, scale: float,
+                 portable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Llama decoder layer (SiLU MLP) over one new token per row, in one call: `LlamaDecoder.forward`'s
+    operations for that case, the same kernels in the same order, without ~30 dispatches from Python a layer.
+
+    hidden (rows, width); the norms (weight, eps); products: the layer's qkv, out, gate_up and down `Product`s;
+    cos, signed_sin (rows, 1, 1, head_dim) as `rotary` takes them; key_buffer, value_buffer (rows, kv_heads,
+    capacity, head_dim): the new key and value are written at ``position`` and attention reads positions
+    0..position; mask (rows, position + 1) additive or None; shared_prefix as `decode_attention` takes it.
+    Returns the layer's output (rows, width) and the rotated queries (rows, heads, 1, head_dim)."""
+    rows, prefix = shared_prefix if shared_prefix is not None else (None, 0)
+    hidden, query = compiled(portable).decode_layer(hidden, input_norm, post_attention_norm, *products, cos, signed_sin,
+                                                    key_buffer, value_buffer, position, mask, rows, prefix, scale)
+    return hidden, query
 
 
 def panels_are_faster(x: torch.Tensor) -> bool:

@@ -19,7 +19,11 @@ same function from the same weights with fewer operations:
 - attention: one-token steps on CPU use the kernel of ``cpu_kernels.cpp`` when it builds (``cpu_kernels``
   below), which reads a prompt shared by several rows once (`KVCache.shared_prefix`); elsewhere SDPA with
   queries grouped per key/value head (its fast CPU path, see `Sampler._decode_mask`). Several tokens use SDPA
-  with an explicit causal + padding mask.
+  with an explicit causal + padding mask;
+- a one-token step on the kernels runs each layer as one `kernels.decode_layer` call (`_decode_layers`): the
+  same kernels in the same order as the loop in `forward`, chained in C++, the new key and value written
+  straight into the `KVCache`'s buffers (bf16 passes of more than two rows keep the loop: their products
+  are oneDNN's).
 
 With ``cpu_kernels=False``, in bf16 the logits equal transformers' bit for bit; in fp32 they differ in the
 last bits where the prepacked products sum in another order (`tests/test_sampler.py` checks both). The kernels
@@ -151,7 +155,11 @@ class LlamaDecoder:
         norm = kernel_rms_norm if use_kernels else rms_norm
         linear = kernel_linear if use_kernels else FusedLinear.__call__
         apply_rotary = kernels.rotary if use_kernels else rotate
-        for index, layer in enumerate(self.layers):
+        # a one-token step on the kernels: each layer in one call; otherwise each operation from here
+        layers = [] if use_kernels and self._layers_in_one_call(hidden, cache) else self.layers
+        if not layers:
+            hidden = self._decode_layers(hidden, cos, sin, cache, mask, capture)
+        for index, layer in enumerate(layers):
             x = norm(hidden, layer["input_norm"])
             qkv = linear(layer["qkv"], x).view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
             query_key = apply_rotary(qkv[:, :heads + kv_heads], cos, sin)  # (rows, heads + kv_heads, tokens, head_dim)
@@ -183,6 +191,35 @@ class LlamaDecoder:
                 raise RuntimeError("cpu_kernels=True, but the CPU kernels did not build (see the warning)")
             return False
         return True
+
+    def _layers_in_one_call(self, hidden: torch.Tensor, cache: Cache) -> bool:
+        """Whether each layer of this kernel pass can be one `kernels.decode_layer` call: one new token per row,
+        SiLU MLPs, a cache whose layers take keys and values in place (the sampler's `KVCache`, past its prefill)
+        and products that the kernels compute (`kernel_product`)."""
+        first = cache.layers[0] if getattr(cache, "layers", None) else None
+        return (hidden.shape[1] == 1 and all(layer["silu"] for layer in self.layers) and hasattr(first, "claim")
+                and first.is_initialized and kernel_product(self.head, hidden) is not None)
+
+    def _decode_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache,
+                       mask: torch.Tensor | None, capture) -> torch.Tensor:
+        """Every layer of a one-token pass, each as one `kernels.decode_layer` call that writes the new key and
+        value into the cache's buffers: what the loop in `forward` computes, without its dispatches from Python."""
+        rows = hidden.shape[0]
+        hidden = hidden.view(rows, -1)
+        additive = None if mask is None else mask[:, 0, 0]  # (rows, length)
+        shared_prefix = getattr(cache, "shared_prefix", None)
+        for index, layer in enumerate(self.layers):
+            cache_layer = cache.layers[index]
+            position = cache_layer.claim(1)
+            products = [kernel_product(layer[name], hidden) for name in ("qkv", "out", "gate_up", "down")]
+            norms = [(layer[name].weight, layer[name].variance_epsilon)
+                     for name in ("input_norm", "post_attention_norm")]
+            hidden, query = kernels.decode_layer(hidden, *norms, products, cos, sin, cache_layer.key_buffer,
+                                                 cache_layer.value_buffer, position, additive, shared_prefix,
+                                                 self.scaling)
+            if capture is not None and index in capture.heads_by_layer:
+                capture.record(layer["attention"], query, cache_layer.keys, mask, self.scaling)
+        return hidden.view(rows, 1, -1)
 
     def _attend(self, index: int, query, key, value, cache: Cache, mask, causal: bool, capture,
                 use_kernels: bool = False) -> torch.Tensor:
@@ -243,15 +280,23 @@ def kernel_rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     return kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
-def kernel_linear(fused: FusedLinear, x: torch.Tensor) -> torch.Tensor:
-    """`fused`'s product through ``cpu_kernels.cpp`` where a kernel is the faster: `small_linear` for one or two
-    rows (from the unstacked weights), `panel_linear` for more in fp32 (from panels packed at first use, when
-    the weights are packed at all); oneDNN otherwise."""
+def kernel_product(fused: FusedLinear, x: torch.Tensor) -> kernels.Product | None:
+    """`fused` as `kernels.linear` takes it for the input ``x``, where a kernel is the faster product: the
+    unstacked weights for one or two rows (`small_linear`), for more in fp32 the panels (`panel_linear`, packed
+    at first use, when the weights are packed at all); None: oneDNN's is the faster."""
     if x.numel() <= kernels.SMALL_LINEAR_ROWS * x.shape[-1]:
-        return kernels.small_linear(x, fused.source_weights, fused.bias)
-    if fused.pack and kernels.panels_are_faster(x):
-        return kernels.panel_linear(x, fused.layout("panels", kernels.pack_panels), fused.out_features, fused.bias)
-    return fused(x)
+        weights = list(fused.source_weights)
+    elif fused.pack and kernels.panels_are_faster(x):
+        weights = [fused.layout("panels", kernels.pack_panels)]
+    else:
+        return None
+    return weights, fused.bias, fused.out_features
+
+
+def kernel_linear(fused: FusedLinear, x: torch.Tensor) -> torch.Tensor:
+    """`fused`'s product through ``cpu_kernels.cpp`` where a kernel is the faster (`kernel_product`), else oneDNN."""
+    product = kernel_product(fused, x)
+    return fused(x) if product is None else kernels.linear(x, product)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

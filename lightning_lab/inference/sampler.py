@@ -271,13 +271,19 @@ class PreallocatedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
+        start = self.claim(key_states.shape[-2])
+        self.key_buffer[:, :, start:self.length] = key_states
+        self.value_buffer[:, :, start:self.length] = value_states
+        return self.keys, self.values
+
+    def claim(self, tokens: int) -> int:
+        """Room for ``tokens`` more positions, counted in the length (growing the buffers if needed); returns the
+        first of them, where the caller writes their keys and values into the buffers."""
+        start, end = self.length, self.length + tokens
         if end > self.capacity:
             self._reallocate(max(end, 2 * self.capacity))
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
         self._set_length(end)
-        return self.keys, self.values
+        return start
 
     def _set_length(self, length: int) -> None:
         self.length = length
