@@ -156,10 +156,10 @@ class LlamaDecoder:
         linear = kernel_linear if use_kernels else FusedLinear.__call__
         apply_rotary = kernels.rotary if use_kernels else rotate
         # a one-token step on the kernels: each layer in one call; otherwise each operation from here
-        layers = [] if use_kernels and self._layers_in_one_call(hidden, cache) else self.layers
-        if not layers:
+        one_call_per_layer = use_kernels and self._layers_in_one_call(hidden, cache)
+        if one_call_per_layer:
             hidden = self._decode_layers(hidden, cos, sin, cache, mask, capture)
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate([] if one_call_per_layer else self.layers):
             x = norm(hidden, layer["input_norm"])
             qkv = linear(layer["qkv"], x).view(rows, tokens, heads + 2 * kv_heads, head_dim).transpose(1, 2)
             query_key = apply_rotary(qkv[:, :heads + kv_heads], cos, sin)  # (rows, heads + kv_heads, tokens, head_dim)
