@@ -102,6 +102,7 @@ class LlamaDecoder:
                 gate_up=FusedLinear(mlp.gate_proj, mlp.up_proj, pack=pack),
                 down=FusedLinear(mlp.down_proj, pack=pack)))
         self.head = FusedLinear(model.lm_head, pack=pack)
+        self.all_silu = all(layer["silu"] for layer in self.layers)  # `decode_layer` fuses silu(gate) * up
         self.cos = self.sin = None
 
     @classmethod
@@ -197,7 +198,7 @@ class LlamaDecoder:
         SiLU MLPs, a cache whose layers take keys and values in place (the sampler's `KVCache`, past its prefill)
         and products that the kernels compute (`kernel_product`)."""
         first = cache.layers[0] if getattr(cache, "layers", None) else None
-        return (hidden.shape[1] == 1 and all(layer["silu"] for layer in self.layers) and hasattr(first, "claim")
+        return (hidden.shape[1] == 1 and self.all_silu and hasattr(first, "claim")
                 and first.is_initialized and kernel_product(self.head, hidden) is not None)
 
     def _decode_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache,

@@ -94,12 +94,12 @@ kernels for one-token attention (the n samples of a prompt read its keys once, `
 RMSNorm, rotary, silu(gate) * up, top-k, the products of one-row passes and fp32 products from packed
 panels (``cpu_kernels.cpp``, ``cpu_kernels``); batched on-device sampling with the top-k shortcut for top-p
 and an inverse-CDF draw (`draw`); dropping finished rows; one host sync per step; attention capture batched
-over layers; prompt lookup for greedy single sequences (opt-in). Measured and not kept (2-core CPU, figures in the README): ``torch.compile`` (of the whole
-one-token step with frozen weights: 12-15% faster at one row after a 54-76 s compile, not faster at 32 rows,
-stale after a weight update, no attention capture; of the small operations between the products: 33-45 us
-per compiled call against 11-53 us eager); SDPA over a prompt's keys once for its n samples, merged by
-log-sum-exp (4-12% off a 32-row step; the attention kernel does this better); two threads of half the rows
-each (the same tokens/s as one batch).
+over layers; prompt lookup for greedy single sequences (opt-in). Measured and not kept (2-core CPU, figures
+in the README): ``torch.compile`` (of the whole one-token step with frozen weights: 12-15% faster at one row
+after a 54-76 s compile, not faster at 32 rows, stale after a weight update, no attention capture; of the
+small operations between the products: 33-45 us per compiled call against 11-53 us eager); SDPA over a
+prompt's keys once for its n samples, merged by log-sum-exp (4-12% off a 32-row step; the attention kernel
+does this better); two threads of half the rows each (the same tokens/s as one batch).
 """
 
 from __future__ import annotations
