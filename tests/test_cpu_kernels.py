@@ -171,6 +171,60 @@ def test_panel_linear_equals_exact_products(portable, rows, out_features, in_fea
     assert torch.allclose(added, expected, rtol=1e-6, atol=1e-6) and not torch.allclose(added, expected - residual)
 
 
+def screened(x: torch.Tensor, weight: torch.Tensor, k: int, portable: bool = False):
+    """`screened_top_k` with its screen made as the decoder makes it: the product of x and weight rounded to bf16."""
+    approx = torch.nn.functional.linear(x.bfloat16(), weight.bfloat16())
+    return cpu_kernels.screened_top_k(x, weight, cpu_kernels.screening_norms(weight), approx, k, portable=portable)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+# 2000 outputs = 31 blocks of 64 and 16: k 40 takes every output (40 >= 32 blocks)
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_screened_top_k_finds_the_exact_products_top_k(portable, k):
+    """The k largest of x @ weight.T found through a bf16 screen, against the float64 product's: no output whose
+    exact value beats a chosen one by more than fp32 rounding, values within fp32 rounding, best first. 72 inputs,
+    so each dot product has a tail of 8. Besides random rows (one with an outlier input), two weights whose 2,000
+    products the screen cannot rank: products within ~0.03 of 100, where bf16's spacing is 0.5; products within
+    ~0.01 of 0 from weight rows of norm ~34, whose rounding to bf16 moves them by ~0.04 (the bound must allow for
+    that rounding, or the screen drops some of the k largest)."""
+    torch.manual_seed(k)
+    weight = torch.randn(2000, 72) / 72 ** 0.5
+    x = torch.randn(5, 72) * 3
+    x[1, 5] = 300.0
+    crowded = torch.randn(72).repeat(2000, 1) + 1e-3 * torch.randn(2000, 72)
+    crowded_x = (100 / crowded[0].dot(crowded[0]) * crowded[0]).repeat(3, 1) + 1e-2 * torch.randn(3, 72)
+    level_x = torch.randn(3, 72).bfloat16().float()  # exactly bf16: its own rounding adds nothing
+    direction = level_x[0] / level_x[0].norm()
+    across = 4 * torch.randn(2000, 72)
+    across -= (across @ direction)[:, None] * direction  # orthogonal to level_x[0], but for rounding
+    level = across + 1e-3 * torch.randn(2000, 1) * direction
+    for inputs, weights in ((x, weight), (crowded_x, crowded), (level_x, level)):
+        values, ids = screened(inputs, weights, k, portable)
+        exact = inputs.double() @ weights.double().T
+        best = exact.topk(k, dim=-1).values
+        assert values.shape == ids.shape == (len(inputs), k) and ids.dtype == torch.int64
+        assert torch.allclose(exact.gather(1, ids), best, rtol=1e-6, atol=1e-5)  # the k largest, up to rounding
+        assert torch.allclose(values.double(), exact.gather(1, ids), rtol=1e-6, atol=1e-5)
+        assert (values[:, 1:] <= values[:, :-1]).all()
+        assert len(set(ids[0].tolist())) == k
+    nan_row = x.clone()
+    nan_row[2, 3] = float("nan")
+    assert screened(nan_row, weight, k, portable)[0][2].isnan().all()
+
+
+def test_screened_top_k_refuses_what_it_does_not_take():
+    weight, x = torch.randn(300, 16), torch.randn(4, 16)
+    norms, approx = cpu_kernels.screening_norms(weight), torch.nn.functional.linear(x, weight).bfloat16()
+    with pytest.raises(RuntimeError, match="approx must be"):
+        cpu_kernels.screened_top_k(x, weight, norms, approx.float(), 5)
+    with pytest.raises(RuntimeError, match="weight_norms must be"):
+        cpu_kernels.screened_top_k(x, weight, norms.T.contiguous(), approx, 5)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        cpu_kernels.screened_top_k(x, weight[:, :8].contiguous(), norms, approx, 5)
+    with pytest.raises(RuntimeError, match="k = 301"):
+        cpu_kernels.screened_top_k(x, weight, norms, approx, 301)
+
+
 def test_panel_linear_refuses_what_it_does_not_take():
     weight = torch.randn(50, 16)
     panels = cpu_kernels.pack_panels(weight)

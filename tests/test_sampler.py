@@ -507,6 +507,42 @@ def test_one_call_per_layer_equals_the_layer_by_layer_loop(tiny_llama_dir, monke
             assert torch.allclose(torch.tensor(a.attention), torch.tensor(b.attention), atol=1e-6)
 
 
+@needs_kernel
+# stop strings that end some rows early (with this model and seed)
+@pytest.mark.parametrize("sampling", [dict(greedy=True, stop=[" an"]),
+                                      dict(temperature=0.9, top_k=5, top_p=0.9, stop=["Ap", "I"])],
+                         ids=["greedy", "top-k"])
+def test_screened_output_layer_chooses_the_tokens_of_every_logit(tiny_llama_dir, monkeypatch, sampling):
+    """fp32 steps of three rows and more, greedy or with top-k, and no per-token signals: the decoder returns
+    only the k largest logits, screened through bf16 (`LlamaDecoder._screens`); the same tokens as with every
+    logit computed, finished rows dropped along the way. Signals need every logit: no screening then."""
+    from lightning_lab.inference.llama_decoder import LlamaDecoder
+
+    if not cpu_kernels.compiled().avx512_bf16:
+        pytest.skip("the screen is oneDNN's bf16 product, used where the CPU has AVX512-BF16")
+    loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32"), seed=4)
+    calls = []
+    real_screen = cpu_kernels.screened_top_k
+    monkeypatch.setattr(cpu_kernels, "screened_top_k", lambda *args: calls.append(1) or real_screen(*args))
+    screens = LlamaDecoder._screens
+
+    def decode(screen: bool, **signals):
+        monkeypatch.setattr(LlamaDecoder, "_screens", screens if screen else (lambda *args: False))
+        return [completion for completions in Sampler(loaded).generate(
+            PROMPTS, n=4, max_new_tokens=12, chat=False, seed=5, **sampling, **signals).completions
+            for completion in completions]
+
+    ours = decode(screen=True)
+    screened_steps = len(calls)
+    assert screened_steps >= 6
+    every = decode(screen=False)
+    assert len(calls) == screened_steps
+    assert [c.token_ids for c in ours] == [c.token_ids for c in every]
+    assert {c.finish_reason for c in every} == {"stop", "length"}  # rows finished apart, and were dropped
+    decode(screen=True, logprobs=True)
+    assert len(calls) == screened_steps
+
+
 def fp32_twin(loaded: LoadedModel, source: str) -> torch.nn.Module:
     """The model of `source` in fp32 holding `loaded`'s (bf16) weights exactly."""
     exact = load_causal_lm(source, device="cpu", dtype="fp32").model

@@ -4,8 +4,9 @@ activation, linear layers for one or two rows and for fp32 batches), compiled on
 `LlamaDecoder` calls them on CPU when they build: `decode_attention` for one-token steps, `rms_norm` for
 every norm, `rotary` and `silu_mul` for the steps between the products, `small_linear` for every product of
 a pass over one or two rows, `panel_linear` for the other fp32 products where the build has AVX-512, and
-`decode_layer` to run a whole layer of a one-token step in one call from them; the sampler takes its top-k
-candidates from `top_k`. Elsewhere (CUDA, MPS, no C++ compiler) they keep torch's SDPA, `F.rms_norm`, `topk`
+`decode_layer` to run a whole layer of a one-token step in one call from them, and `screened_top_k` for an
+fp32 step's k largest logits when that is all the sampler needs; the sampler takes its top-k candidates from
+`top_k`. Elsewhere (CUDA, MPS, no C++ compiler) they keep torch's SDPA, `F.rms_norm`, `topk`
 and the oneDNN products of ``packed.py``. The build (torch's `cpp_extension.load`: a C++ compiler and ninja)
 takes ~40 s once; the library is then cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``) and loads in well under a second. ``python -m
@@ -134,6 +135,26 @@ def top_k(logits: torch.Tensor, k: int, portable: bool = False) -> tuple[torch.T
     """Each row's ``k`` largest logits (rows, vocabulary; fp32) and their ids, best first: ``logits.topk(k)``'s
     values, ids of equal values in ascending order. A row holding NaN gets NaN values (torch ranks NaN first)."""
     values, ids = compiled(portable).top_k(logits, k)  # pybind returns a list
+    return values, ids
+
+
+def screening_norms(weight: torch.Tensor) -> torch.Tensor:
+    """(3, out_features) fp32 for `screened_top_k`: per row of the weight, |w - bf16(w)|, |w| and |bf16(w)|, each
+    computed in fp64 and rounded up."""
+    exact = weight.detach().double()
+    rounded = weight.detach().bfloat16().double()
+    norms = torch.stack([(exact - rounded).norm(dim=1), exact.norm(dim=1), rounded.norm(dim=1)])
+    return (norms * (1 + 1e-6)).float().contiguous()
+
+
+def screened_top_k(x: torch.Tensor, weight: torch.Tensor, weight_norms: torch.Tensor, approx: torch.Tensor,
+                   k: int, portable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` largest of ``x @ weight.T`` (x (rows, in_features), weight (out_features, in_features),
+    fp32) and their ids, as `top_k` returns them, computing in fp32 only the outputs that can be among them:
+    ``approx`` is the same product from bf16-rounded operands (rows, out_features; bf16) and
+    ``weight_norms`` `screening_norms(weight)`; each approximate value's error is bounded (the C++ source has the
+    bound), and only the outputs whose upper bound reaches the k-th largest lower bound are computed exactly."""
+    values, ids = compiled(portable).screened_top_k(x, weight, weight_norms, approx, k)
     return values, ids
 
 

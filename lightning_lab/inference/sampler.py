@@ -22,7 +22,9 @@ Batch decoding (`generate`)
   ``transformers.generate``), then a draw from the remaining weights (`draw`, one uniform number per row).
   Top-p is exact but avoids sorting the whole vocabulary: it looks at the top `TOP_P_CANDIDATES` tokens, and
   sorts the whole vocabulary only for the rows whose candidates hold less than ``top_p`` of the mass.
-  ``greedy=True`` (or ``temperature=0``) takes the argmax.
+  ``greedy=True`` (or ``temperature=0``) takes the argmax. When choosing a token needs only the k largest
+  logits (top-k of at most 64, or greedy; no per-token signals asked: `screened_k`), an fp32 decoder step
+  of three rows and more computes only those (`LlamaDecoder.forward`'s ``top_k``): the same tokens.
 - Finish reasons: ``eos`` (an end-of-sequence token of the tokenizer or generation config was produced;
   it is the last of ``token_ids`` and left out of ``text``), ``stop`` (a stop string appeared: ``text``
   ends just before it, ``token_ids`` end with the token that completed it, ``stop`` names it; stop strings
@@ -75,8 +77,10 @@ Reproducibility: with the same ``seed``, prompts, batch composition (``n``, ``ba
 sampling parameters (``prompt_lookup`` among them), model, dtype, device, thread count and library
 versions, ``generate`` returns the same samples (one `torch.Generator`, seeded per call, is shared by the
 whole batch). Not reproducible: the same prompt in a different batch (its random draws and its padding
-change), across devices, dtypes or library versions, or fp32 runs with ``pack_weights`` on versus off (the
-arithmetic differs in the last bits; bf16 packed products are bit-identical). Greedy decoding does not
+change; in fp32, its logits are summed in another order at one or two rows than at three and more, and
+screened or not as logprobs are asked or not), across devices, dtypes or library versions, or fp32 runs
+with ``pack_weights`` on versus off (the arithmetic differs in the last bits; bf16 packed products are
+bit-identical). Greedy decoding does not
 depend on the seed, only on the arithmetic; the step-wise API draws from its own generator, seeded in `start`.
 
 Engines: Llama-family models (SmolLM2 among them) run through `LlamaDecoder`, the same forward pass
@@ -92,7 +96,8 @@ cache; the written-out forward; a 4D decode mask that keeps SDPA on its fast gro
 (`Sampler._decode_mask`); oneDNN-prepacked linear weights on CPU (``packed.py``, ``pack_weights``); CPU
 kernels for one-token attention (the n samples of a prompt read its keys once, `KVCache.shared_prefix`),
 RMSNorm, rotary, silu(gate) * up, top-k, the products of one-row passes and fp32 products from packed
-panels (``cpu_kernels.cpp``, ``cpu_kernels``); batched on-device sampling with the top-k shortcut for top-p
+panels (``cpu_kernels.cpp``, ``cpu_kernels``); in fp32 only the k logits top-k needs, screened by a bf16
+output layer (`screened_k`); batched on-device sampling with the top-k shortcut for top-p
 and an inverse-CDF draw (`draw`); dropping finished rows; one host sync per step; attention capture batched
 over layers; prompt lookup for greedy single sequences (opt-in). Measured and not kept (2-core CPU, figures
 in the README): ``torch.compile`` (of the whole one-token step with frozen weights: 12-15% faster at one row
@@ -120,7 +125,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lightning_lab.inference import cpu_kernels as kernels
 from lightning_lab.inference import packed
-from lightning_lab.inference.llama_decoder import LlamaDecoder, unsupported_reason
+from lightning_lab.inference.llama_decoder import LlamaDecoder, TopLogits, unsupported_reason
 from lightning_lab.inference.packed import PackedLinears
 
 TOP_P_CANDIDATES = 256  # top-p looks at this many best tokens first; sorts the whole vocabulary only if they fall short
@@ -489,15 +494,25 @@ AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)  # the same masks 
 # ---- sampling -----------------------------------------------------------------------------------
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+def choose_tokens(logits: torch.Tensor | TopLogits, params: SamplingParams, generator: torch.Generator | None,
                   cpu_kernels: bool | None = None) -> torch.Tensor:
     """Next token per row from fp32 logits (rows, vocab): argmax, or temperature -> top-k -> top-p -> draw.
-    ``cpu_kernels`` False: torch's top-k (see `top_logits`)."""
+    `TopLogits` (the decoder's, asked for with `screened_k`) stand for the logits. ``cpu_kernels`` False: torch's
+    top-k (see `top_logits`)."""
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return logits.ids[:, 0] if isinstance(logits, TopLogits) else logits.argmax(dim=-1)
     weights, indices = sampling_weights(logits, params, cpu_kernels)
     choice = draw(weights, generator)
     return choice if indices is None else indices.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def screened_k(params: SamplingParams, signals: dict | None) -> int:
+    """How many of each row's largest logits choosing a token needs (the decoder may compute only those, see
+    `LlamaDecoder.forward`): 1 for greedy decoding, top_k for sampling with one; 0 (every logit) for sampling
+    without top-k, and whenever log-probs, entropy or margin are asked for."""
+    if signals:
+        return 0
+    return 1 if params.greedy else params.top_k
 
 
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -530,15 +545,19 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return (chosen * block + within).squeeze(-1)
 
 
-def sampling_weights(logits: torch.Tensor, params: SamplingParams,
+def sampling_weights(logits: torch.Tensor | TopLogits, params: SamplingParams,
                      cpu_kernels: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Unnormalised sampling weights (rows, candidates) and the candidates' token ids (None: the whole vocabulary).
 
     Rows may carry zero-weight padding at the end (a row that needed fewer candidates than another)."""
-    if not params.top_k and params.top_p >= 1:
+    if isinstance(logits, TopLogits):  # the top_k largest already (see `screened_k`)
+        values, indices = logits.values, logits.ids
+    elif not params.top_k and params.top_p >= 1:
         return (logits / params.temperature).softmax(dim=-1), None
-    candidates = min(params.top_k or TOP_P_CANDIDATES, logits.shape[-1])
-    values, indices = top_logits(logits, candidates, cpu_kernels)  # sorted, best first (a temperature keeps the order)
+    else:
+        candidates = min(params.top_k or TOP_P_CANDIDATES, logits.shape[-1])
+        # sorted, best first (a temperature keeps the order)
+        values, indices = top_logits(logits, candidates, cpu_kernels)
     values = values / params.temperature
     if params.top_k:  # renormalise within the top k
         probs = values.softmax(dim=-1)
@@ -855,7 +874,7 @@ class Sampler:
             # consume the sampled tokens: next-token logits, and row i of the attention for the captured heads
             logits = self._run(tokens[:, None], cache, next_position[:, None],
                                None if decode_mask is None else decode_mask[..., :cache_length + 1],
-                               capture=capture)[:, -1]
+                               capture=capture, top_k=screened_k(params, signals))[:, -1]
             cache_length += 1
             next_position += 1
             if capture is not None:
@@ -975,12 +994,13 @@ class Sampler:
 
     def _run(self, input_ids: torch.Tensor, cache: Cache, position_ids: torch.Tensor,
              attention_mask: torch.Tensor | None, logits_to_keep: int = 1,
-             capture: AttentionCapture | None = None) -> torch.Tensor:
-        """One forward pass extending `cache`; fp32 logits of the last `logits_to_keep` positions (0: all).
+             capture: AttentionCapture | None = None, top_k: int = 0) -> torch.Tensor | TopLogits:
+        """One forward pass extending `cache`; fp32 logits of the last `logits_to_keep` positions (0: all), or
+        where the decoder screens them (``top_k`` > 0, see `LlamaDecoder.forward`) their `top_k` largest.
         Inside `_running(capture)`: transformers' forward finds the capture on its attention modules."""
         if self.decoder is not None:
             return self.decoder.forward(input_ids, position_ids, cache, attention_mask, logits_to_keep, capture,
-                                        self.cpu_kernels)
+                                        self.cpu_kernels, top_k)
         kwargs = {self._cache_argument: cache, "use_cache": True}
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
