@@ -227,11 +227,11 @@ class LlamaDecoder:
     def _screens(self, x: torch.Tensor, k: int) -> bool:
         """Whether the k largest logits for the normed ``x`` come from `kernels.screened_top_k`: where the output
         layer is a `panel_linear` product (fp32, three rows and more), without bias, on a CPU with AVX512-BF16
-        (oneDNN's bf16 product, the screen, runs at about twice the fp32 rate), k up to `SCREENED_TOP_K`. For
-        SmolLM2-135M at 32 rows and k = 50 the output layer and the top-k took 7.1-8.0 ms there against
-        9.3-10.5 ms (the README has the figures)."""
-        return (k <= SCREENED_TOP_K and self.head.bias is None and kernel_kind(self.head, x) == "panels"
-                and kernels.compiled().avx512_bf16)
+        (oneDNN's bf16 product, the screen, runs at about twice the fp32 rate), k up to `SCREENED_TOP_K` and
+        the vocabulary's size. For SmolLM2-135M at 32 rows and k = 50 the output layer and the top-k took
+        7.1-8.0 ms there against 9.3-10.5 ms (the README has the figures)."""
+        return (k <= min(SCREENED_TOP_K, self.head.out_features) and self.head.bias is None
+                and kernel_kind(self.head, x) == "panels" and kernels.compiled().avx512_bf16)
 
     def _top_logits(self, x: torch.Tensor, k: int) -> TopLogits:
         """The k largest logits for the normed ``x`` (rows, tokens, width): the output layer's product in bf16

@@ -24,7 +24,8 @@ Batch decoding (`generate`)
   sorts the whole vocabulary only for the rows whose candidates hold less than ``top_p`` of the mass.
   ``greedy=True`` (or ``temperature=0``) takes the argmax. When choosing a token needs only the k largest
   logits (top-k of at most 64, or greedy; no per-token signals asked: `screened_k`), an fp32 decoder step
-  of three rows and more computes only those (`LlamaDecoder.forward`'s ``top_k``): the same tokens.
+  of three rows and more computes only those (`LlamaDecoder.forward`'s ``top_k``): the same tokens, but
+  for ties within fp32 rounding.
 - Finish reasons: ``eos`` (an end-of-sequence token of the tokenizer or generation config was produced;
   it is the last of ``token_ids`` and left out of ``text``), ``stop`` (a stop string appeared: ``text``
   ends just before it, ``token_ids`` end with the token that completed it, ``stop`` names it; stop strings
@@ -80,8 +81,8 @@ whole batch). Not reproducible: the same prompt in a different batch (its random
 change; in fp32, its logits are summed in another order at one or two rows than at three and more, and
 screened or not as logprobs are asked or not), across devices, dtypes or library versions, or fp32 runs
 with ``pack_weights`` on versus off (the arithmetic differs in the last bits; bf16 packed products are
-bit-identical). Greedy decoding does not
-depend on the seed, only on the arithmetic; the step-wise API draws from its own generator, seeded in `start`.
+bit-identical). Greedy decoding does not depend on the seed, only on the arithmetic; the step-wise API
+draws from its own generator, seeded in `start`.
 
 Engines: Llama-family models (SmolLM2 among them) run through `LlamaDecoder`, the same forward pass
 written out with fewer operations (``llama_decoder.py``; ``llama_decoder=False`` uses transformers'
