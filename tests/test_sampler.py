@@ -507,7 +507,28 @@ def test_one_call_per_layer_equals_the_layer_by_layer_loop(tiny_llama_dir, monke
             assert torch.allclose(torch.tensor(a.attention), torch.tensor(b.attention), atol=1e-6)
 
 
-@needs_kernel
+needs_bf16_screen = pytest.mark.skipif(cpu_kernels.load() is None or not cpu_kernels.compiled().avx512_bf16,
+                                       reason="the screen is oneDNN's bf16 product, used where the CPU has "
+                                              "AVX512-BF16 (and the kernels build)")
+
+
+def screened_and_not(monkeypatch, loaded: LoadedModel, prompts, **generate) -> tuple[list, list, int]:
+    """`generate`'s completions with the output layer screened (`LlamaDecoder._screens`) and with every logit
+    computed, and how many steps were screened."""
+    from lightning_lab.inference.llama_decoder import LlamaDecoder
+
+    calls, decoded = [], []
+    with monkeypatch.context() as patch:  # undone on return, so that the next call screens again
+        real_screen = cpu_kernels.screened_top_k
+        patch.setattr(cpu_kernels, "screened_top_k", lambda *args: calls.append(1) or real_screen(*args))
+        for screen in (LlamaDecoder._screens, lambda *args: False):
+            patch.setattr(LlamaDecoder, "_screens", screen)
+            completions = Sampler(loaded).generate(prompts, **generate).completions
+            decoded.append([completion for per_prompt in completions for completion in per_prompt])
+    return decoded[0], decoded[1], len(calls)
+
+
+@needs_bf16_screen
 # stop strings that end some rows early (with this model and seed)
 @pytest.mark.parametrize("sampling", [dict(greedy=True, stop=[" an"]),
                                       dict(temperature=0.9, top_k=5, top_p=0.9, stop=["Ap", "I"])],
@@ -516,31 +537,13 @@ def test_screened_output_layer_chooses_the_tokens_of_every_logit(tiny_llama_dir,
     """fp32 steps of three rows and more, greedy or with top-k, and no per-token signals: the decoder returns
     only the k largest logits, screened through bf16 (`LlamaDecoder._screens`); the same tokens as with every
     logit computed, finished rows dropped along the way. Signals need every logit: no screening then."""
-    from lightning_lab.inference.llama_decoder import LlamaDecoder
-
-    if not cpu_kernels.compiled().avx512_bf16:
-        pytest.skip("the screen is oneDNN's bf16 product, used where the CPU has AVX512-BF16")
     loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32"), seed=4)
-    calls = []
-    real_screen = cpu_kernels.screened_top_k
-    monkeypatch.setattr(cpu_kernels, "screened_top_k", lambda *args: calls.append(1) or real_screen(*args))
-    screens = LlamaDecoder._screens
-
-    def decode(screen: bool, **signals):
-        monkeypatch.setattr(LlamaDecoder, "_screens", screens if screen else (lambda *args: False))
-        return [completion for completions in Sampler(loaded).generate(
-            PROMPTS, n=4, max_new_tokens=12, chat=False, seed=5, **sampling, **signals).completions
-            for completion in completions]
-
-    ours = decode(screen=True)
-    screened_steps = len(calls)
+    settings = dict(n=4, max_new_tokens=12, chat=False, seed=5, **sampling)
+    ours, every, screened_steps = screened_and_not(monkeypatch, loaded, PROMPTS, **settings)
     assert screened_steps >= 6
-    every = decode(screen=False)
-    assert len(calls) == screened_steps
     assert [c.token_ids for c in ours] == [c.token_ids for c in every]
     assert {c.finish_reason for c in every} == {"stop", "length"}  # rows finished apart, and were dropped
-    decode(screen=True, logprobs=True)
-    assert len(calls) == screened_steps
+    assert screened_and_not(monkeypatch, loaded, PROMPTS, logprobs=True, **settings)[2] == 0
 
 
 def fp32_twin(loaded: LoadedModel, source: str) -> torch.nn.Module:
@@ -725,6 +728,21 @@ def test_smollm2_greedy_equals_generate(gsm8k_path):
         drafted = sampler.generate(questions, greedy=True, max_new_tokens=32, prompt_lookup=5)
     assert [result.completions[0].token_ids for result in drafted.prompts] == expected
     assert len(shapes) - 2 < drafted.timing.new_tokens  # drafts accepted: fewer decode passes than tokens
+
+
+@needs_bf16_screen
+@pytest.mark.slow
+def test_smollm2_screened_output_layer_chooses_the_tokens_of_every_logit(gsm8k_path, monkeypatch):
+    """The screen's bound on SmolLM2's own weights and hidden states (fp32): three GSM8K questions, n=2 (six
+    rows), greedy and top-k 50 sampling, 24 tokens each: the same tokens as with every logit computed."""
+    loaded = load_causal_lm("smollm2-135m", device="cpu", dtype="fp32")
+    with gsm8k_path.open() as lines:
+        questions = [json.loads(next(lines))["question"] for _ in range(3)]
+    for sampling in (dict(greedy=True), dict(temperature=0.8, top_k=50, top_p=0.95)):
+        ours, every, screened_steps = screened_and_not(monkeypatch, loaded, questions, n=2, max_new_tokens=24,
+                                                       ignore_eos=True, seed=7, **sampling)
+        assert screened_steps == 23  # every step after the prompts'
+        assert [c.token_ids for c in ours] == [c.token_ids for c in every]
 
 
 @pytest.mark.slow
