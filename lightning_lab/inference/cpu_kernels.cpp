@@ -358,6 +358,16 @@ inline float block_maximum(const float* values, int64_t width, uint32_t& nan) {
   return top;
 }
 
+// top_k and screened_top_k look at the maximum of each block of this many outputs first.
+constexpr int64_t TOP_K_BLOCK = 64;
+
+// What top_k and screened_top_k give a row holding NaN: NaN values (torch.topk ranks NaN first; the sampler's
+// draw then refuses the row) and ids 0..k-1.
+inline void write_nan_row(int64_t k, float* out, int64_t* out_ids) {
+  std::fill(out, out + k, std::numeric_limits<float>::quiet_NaN());
+  for (int64_t i = 0; i < k; ++i) out_ids[i] = i;
+}
+
 // The k best of `candidates` (value, id) into out and out_ids, best first, ids of equal values in ascending order.
 void write_best(std::vector<std::pair<float, int64_t>>& candidates, int64_t k, float* out, int64_t* out_ids) {
   auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
@@ -576,14 +586,13 @@ std::vector<torch::Tensor> top_k(torch::Tensor logits, int64_t k) {
               "logits must be a CPU float32 (rows, vocabulary) tensor");
   const int64_t rows = logits.size(0), V = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= V, "k = ", k, " must be in [1, ", V, "]");
-  constexpr int64_t BLOCK = 64;
   const torch::Tensor input = logits.contiguous();
   auto values = torch::empty({rows, k}, input.options());
   auto ids = torch::empty({rows, k}, input.options().dtype(torch::kLong));
   const float* in = input.data_ptr<float>();
   float* top = values.data_ptr<float>();
   int64_t* top_ids = ids.data_ptr<int64_t>();
-  const int64_t blocks = (V + BLOCK - 1) / BLOCK;
+  const int64_t blocks = (V + TOP_K_BLOCK - 1) / TOP_K_BLOCK;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> maxima(blocks), floors(blocks);
     std::vector<std::pair<float, int64_t>> candidates;
@@ -591,16 +600,15 @@ std::vector<torch::Tensor> top_k(torch::Tensor logits, int64_t k) {
       const float* row = in + r * V;
       uint32_t nan = 0;
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t width = std::min(BLOCK, V - b * BLOCK);
+        const int64_t width = std::min(TOP_K_BLOCK, V - b * TOP_K_BLOCK);
         // a whole block with a fixed count, which the compiler vectorises
-        const float* block = row + b * BLOCK;
-        maxima[b] = width == BLOCK ? block_maximum(block, BLOCK, nan) : block_maximum(block, width, nan);
+        const float* block = row + b * TOP_K_BLOCK;
+        maxima[b] = width == TOP_K_BLOCK ? block_maximum(block, TOP_K_BLOCK, nan) : block_maximum(block, width, nan);
       }
       float* out = top + r * k;
       int64_t* out_ids = top_ids + r * k;
       if (nan) {
-        std::fill(out, out + k, std::numeric_limits<float>::quiet_NaN());
-        for (int64_t i = 0; i < k; ++i) out_ids[i] = i;
+        write_nan_row(k, out, out_ids);
         continue;
       }
       candidates.clear();
@@ -610,7 +618,7 @@ std::vector<torch::Tensor> top_k(torch::Tensor logits, int64_t k) {
         const float floor = kth_largest(maxima, k, floors);
         for (int64_t b = 0; b < blocks; ++b)
           if (maxima[b] >= floor)
-            for (int64_t j = b * BLOCK; j < std::min(V, (b + 1) * BLOCK); ++j)
+            for (int64_t j = b * TOP_K_BLOCK; j < std::min(V, (b + 1) * TOP_K_BLOCK); ++j)
               if (row[j] >= floor) candidates.emplace_back(row[j], j);
       }
       write_best(candidates, k, out, out_ids);
@@ -643,7 +651,6 @@ std::vector<torch::Tensor> screened_top_k(torch::Tensor x, torch::Tensor weight,
   TORCH_CHECK(approx.sizes() == torch::IntArrayRef({rows, V}) && approx.scalar_type() == torch::kBFloat16 &&
               approx.is_contiguous(), "approx must be a contiguous (rows, out_features) bf16 tensor");
   TORCH_CHECK(k >= 1 && k <= V, "k = ", k, " must be in [1, ", V, "]");
-  constexpr int64_t BLOCK = 64;
   constexpr double u = 1.0 / 256, u32 = 1.0 / (1 << 24);
   const double gamma = K * u32 / (1 - K * u32);
   const float result_rounding = float(u / (1 - u) * (1 + 1e-5));
@@ -651,7 +658,7 @@ std::vector<torch::Tensor> screened_top_k(torch::Tensor x, torch::Tensor weight,
   auto ids = torch::empty({rows, k}, x.options().dtype(torch::kLong));
   const float *in = x.data_ptr<float>(), *w = weight.data_ptr<float>(), *norms = weight_norms.data_ptr<float>();
   const c10::BFloat16* approximations = approx.data_ptr<c10::BFloat16>();
-  const int64_t blocks = (V + BLOCK - 1) / BLOCK;
+  const int64_t blocks = (V + TOP_K_BLOCK - 1) / TOP_K_BLOCK;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> errors(V), lower_maxima(blocks), upper_maxima(blocks), floors(blocks);
     std::vector<std::pair<float, int64_t>> candidates;
@@ -671,8 +678,7 @@ std::vector<torch::Tensor> screened_top_k(torch::Tensor x, torch::Tensor weight,
         nan |= (bits & 0x7f800000u) == 0x7f800000u;  // infinite or NaN
       }
       if (nan) {  // as top_k does for a row holding NaN: the sampler's draw refuses it
-        std::fill(out, out + k, std::numeric_limits<float>::quiet_NaN());
-        for (int64_t i = 0; i < k; ++i) out_ids[i] = i;
+        write_nan_row(k, out, out_ids);
         continue;
       }
       // the coefficients of ErrorBound, each rounded up
@@ -682,11 +688,11 @@ std::vector<torch::Tensor> screened_top_k(torch::Tensor x, torch::Tensor weight,
       const float C = float(gamma * rounded_length * safety);
       const ErrorBound bound{A, B, C, result_rounding};
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t first = b * BLOCK, width = std::min(BLOCK, V - first);
+        const int64_t first = b * TOP_K_BLOCK, width = std::min(TOP_K_BLOCK, V - first);
         const float *d = norms + first, *n = norms + V + first, *n_rounded = norms + 2 * V + first;
         // a whole block with a fixed count, which the compiler vectorises
-        const auto [low, high] = width == BLOCK
-                                     ? bound.block(a + first, d, n, n_rounded, BLOCK, errors.data() + first)
+        const auto [low, high] = width == TOP_K_BLOCK
+                                     ? bound.block(a + first, d, n, n_rounded, TOP_K_BLOCK, errors.data() + first)
                                      : bound.block(a + first, d, n, n_rounded, width, errors.data() + first);
         lower_maxima[b] = low, upper_maxima[b] = high;
       }
@@ -694,7 +700,7 @@ std::vector<torch::Tensor> screened_top_k(torch::Tensor x, torch::Tensor weight,
       candidates.clear();
       for (int64_t b = 0; b < blocks; ++b) {
         if (upper_maxima[b] < floor) continue;
-        for (int64_t j = b * BLOCK; j < std::min(V, (b + 1) * BLOCK); ++j) {
+        for (int64_t j = b * TOP_K_BLOCK; j < std::min(V, (b + 1) * TOP_K_BLOCK); ++j) {
           if (widen(a[j]) + errors[j] < floor) continue;
           float exact;
           weight_rows<float, 1, 1>(w + j * K, K, row, row, &exact, 1);
