@@ -475,6 +475,23 @@ def test_llama_decoder_equals_transformers_forward(tiny_llama_dir, dtype, kernel
     same(*forced)
 
 
+def with_and_without(monkeypatch, switch: str, kernel: str, loaded: LoadedModel, prompts,
+                     **generate) -> tuple[list, list, int]:
+    """`generate`'s completions (flattened) with `LlamaDecoder`'s method ``switch`` as it is and with it returning
+    False (that path off), and how many times ``cpu_kernels.<kernel>`` ran in all."""
+    from lightning_lab.inference.llama_decoder import LlamaDecoder
+
+    calls, decoded = [], []
+    with monkeypatch.context() as patch:  # undone on return, so that the next call finds the method as it is
+        real_kernel = getattr(cpu_kernels, kernel)
+        patch.setattr(cpu_kernels, kernel, lambda *args: calls.append(1) or real_kernel(*args))
+        for method in (getattr(LlamaDecoder, switch), lambda *args: False):
+            patch.setattr(LlamaDecoder, switch, method)
+            completions = Sampler(loaded).generate(prompts, **generate).completions
+            decoded.append([completion for per_prompt in completions for completion in per_prompt])
+    return decoded[0], decoded[1], len(calls)
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("prompts, n", [(PROMPTS[1], 1), (PROMPTS[:2], 1), (PROMPTS, 4)],
@@ -483,49 +500,22 @@ def test_one_call_per_layer_equals_the_layer_by_layer_loop(tiny_llama_dir, monke
     """One-token steps on the kernels run each layer as one `decode_layer` call (one- and two-row products; fp32
     panels), taken with padding, shared prompts and captured heads; the same numbers as `forward`'s own loop.
     bf16 beyond two rows has oneDNN's products, which the call does not make: the loop runs there."""
-    from lightning_lab.inference.llama_decoder import LlamaDecoder
-
     loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype=dtype), seed=2)
-    calls = []
-    real_decode_layer = cpu_kernels.decode_layer
-    monkeypatch.setattr(cpu_kernels, "decode_layer", lambda *args: calls.append(1) or real_decode_layer(*args))
-    one_call = LlamaDecoder._layers_in_one_call
-
-    def decode(layer_by_layer: bool):
-        monkeypatch.setattr(LlamaDecoder, "_layers_in_one_call",
-                            (lambda *args: False) if layer_by_layer else one_call)
-        return Sampler(loaded).generate(prompts, n=n, max_new_tokens=6, chat=False, seed=3, logprobs=True,
-                                        capture_heads=HEADS, ignore_eos=True)
-
-    ours, loop = decode(layer_by_layer=False), decode(layer_by_layer=True)
+    ours, loop, calls = with_and_without(monkeypatch, "_layers_in_one_call", "decode_layer", loaded, prompts, n=n,
+                                         max_new_tokens=6, chat=False, seed=3, logprobs=True, capture_heads=HEADS,
+                                         ignore_eos=True)
     rows = (1 if isinstance(prompts, str) else len(prompts)) * n
-    assert len(calls) == (0 if dtype == "bf16" and rows > 2 else 2 * 6)  # 2 layers, 6 one-token steps
-    for mine, reference in zip(ours.completions, loop.completions):
-        for a, b in zip(mine, reference):
-            assert a.token_ids == b.token_ids
-            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
-            assert torch.allclose(torch.tensor(a.attention), torch.tensor(b.attention), atol=1e-6)
+    assert calls == (0 if dtype == "bf16" and rows > 2 else 2 * 6)  # 2 layers, 6 one-token steps
+    for a, b in zip(ours, loop):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert torch.allclose(torch.tensor(a.attention), torch.tensor(b.attention), atol=1e-6)
 
 
 needs_bf16_screen = pytest.mark.skipif(cpu_kernels.load() is None or not cpu_kernels.compiled().avx512_bf16,
                                        reason="the screen is oneDNN's bf16 product, used where the CPU has "
                                               "AVX512-BF16 (and the kernels build)")
-
-
-def screened_and_not(monkeypatch, loaded: LoadedModel, prompts, **generate) -> tuple[list, list, int]:
-    """`generate`'s completions with the output layer screened (`LlamaDecoder._screens`) and with every logit
-    computed, and how many steps were screened."""
-    from lightning_lab.inference.llama_decoder import LlamaDecoder
-
-    calls, decoded = [], []
-    with monkeypatch.context() as patch:  # undone on return, so that the next call screens again
-        real_screen = cpu_kernels.screened_top_k
-        patch.setattr(cpu_kernels, "screened_top_k", lambda *args: calls.append(1) or real_screen(*args))
-        for screen in (LlamaDecoder._screens, lambda *args: False):
-            patch.setattr(LlamaDecoder, "_screens", screen)
-            completions = Sampler(loaded).generate(prompts, **generate).completions
-            decoded.append([completion for per_prompt in completions for completion in per_prompt])
-    return decoded[0], decoded[1], len(calls)
+SCREENING = ("_screens", "screened_top_k")  # `with_and_without`'s switch and kernel for the screened output layer
 
 
 @needs_bf16_screen
@@ -539,11 +529,11 @@ def test_screened_output_layer_chooses_the_tokens_of_every_logit(tiny_llama_dir,
     logit computed, finished rows dropped along the way. Signals need every logit: no screening then."""
     loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32"), seed=4)
     settings = dict(n=4, max_new_tokens=12, chat=False, seed=5, **sampling)
-    ours, every, screened_steps = screened_and_not(monkeypatch, loaded, PROMPTS, **settings)
+    ours, every, screened_steps = with_and_without(monkeypatch, *SCREENING, loaded, PROMPTS, **settings)
     assert screened_steps >= 6
     assert [c.token_ids for c in ours] == [c.token_ids for c in every]
     assert {c.finish_reason for c in every} == {"stop", "length"}  # rows finished apart, and were dropped
-    assert screened_and_not(monkeypatch, loaded, PROMPTS, logprobs=True, **settings)[2] == 0
+    assert with_and_without(monkeypatch, *SCREENING, loaded, PROMPTS, logprobs=True, **settings)[2] == 0
 
 
 def fp32_twin(loaded: LoadedModel, source: str) -> torch.nn.Module:
@@ -739,8 +729,8 @@ def test_smollm2_screened_output_layer_chooses_the_tokens_of_every_logit(gsm8k_p
     with gsm8k_path.open() as lines:
         questions = [json.loads(next(lines))["question"] for _ in range(3)]
     for sampling in (dict(greedy=True), dict(temperature=0.8, top_k=50, top_p=0.95)):
-        ours, every, screened_steps = screened_and_not(monkeypatch, loaded, questions, n=2, max_new_tokens=24,
-                                                       ignore_eos=True, seed=7, **sampling)
+        ours, every, screened_steps = with_and_without(monkeypatch, *SCREENING, loaded, questions, n=2,
+                                                       max_new_tokens=24, ignore_eos=True, seed=7, **sampling)
         assert screened_steps == 23  # every step after the prompts'
         assert [c.token_ids for c in ours] == [c.token_ids for c in every]
 
