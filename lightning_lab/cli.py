@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from lightning_lab.errors import EXIT_USER_ERROR, UserError
+
 # name -> ("module:function", one-line help). Only commands that exist are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lightning_lab.demo:main", "a short CPU tour: best-of-N with SmolLM2, pretraining the lab GPT"),
@@ -23,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("lightning_lab.training.sft:main", "LightningCLI: LoRA supervised fine-tuning (fit | validate)"),
     "rl": ("lightning_lab.training.rl:main", "LightningCLI: LoRA RL with a verifiable reward (fit)"),
     "adapter": ("lightning_lab.models.lora:main", "adapter merge: write base + LoRA as one model"),
-    "bon": ("lightning_lab.inference.bon:main", "best-of-N: collect | distill | analyze | predict"),
+    "bon": ("lightning_lab.bon.collect:main", "best-of-N: collect | distill | analyze | predict"),
 }
 
 
@@ -37,17 +39,26 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # show the traceback of a user error too
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"lab: unknown command {name!r}\n", file=sys.stderr)
+        print(f"lab: error: unknown command {name!r}\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    return int(function(rest) or 0)
+    try:
+        return int(function(rest) or 0)
+    except UserError as error:
+        if debug:
+            raise
+        command = " ".join([name] + rest[:1]) if rest[:1] and not rest[0].startswith("-") else name
+        print(f"lab {command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import torch
 
 from lightning_lab.data.benchmarks import Sample
 from lightning_lab.data.io import DataError, JsonlWriter
-from lightning_lab.inference import bon
-from lightning_lab.inference.predictor import EmergencePredictor, PredictConfig, build_dataset, load_predictor
+from lightning_lab.bon import collect as bon
+from lightning_lab.bon.predict import EmergencePredictor, PredictConfig, build_dataset, load_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,14 +285,14 @@ def test_collect_writes_header_records_telemetry_and_refuses_to_overwrite(tmp_pa
     with pytest.raises(DataError, match="--resume"):
         bon.collect(config, out=out, device="cpu", dtype="fp32", progress=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    with caplog.at_level("WARNING", logger="lightning_lab.inference.bon"):
+    with caplog.at_level("WARNING", logger="lightning_lab.bon.collect"):
         bon.collect(config, out=out, resume=True, device="cpu", dtype="fp32", progress=False)  # nothing left to do
     assert len(prompt_lines(out)) == 3
     assert "resumed with 2 torch threads, the run started with 1" in caplog.text
 
 
 def test_temperature_zero_collects_the_greedy_answer_once(tmp_path, tiny_llama_dir, one_thread):
-    from lightning_lab.inference.sampler import Sampler
+    from lightning_lab.sampling.sampler import Sampler
     from lightning_lab.models.loading import load_causal_lm
 
     with pytest.raises(DataError, match="samples_per_prompt to 1"):

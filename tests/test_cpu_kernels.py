@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_lab.inference import cpu_kernels
+from lightning_lab.sampling import cpu_kernels
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="the CPU kernels did not build")
 # what one rounding of the output to the dtype allows, and fp32 sums in another order
@@ -264,7 +264,7 @@ def test_rotary_equals_torch(portable, dtype, tokens):
     """On the decoder's own view (q and k heads of a fused qkv product, transposed): bf16 bit for bit (each
     product of two bf16 values is exact in fp32, so the roundings are torch's); fp32 to the last bits (the
     compiler may fuse a product and the sum)."""
-    from lightning_lab.inference.llama_decoder import rotate
+    from lightning_lab.sampling.llama_decoder import rotate
 
     torch.manual_seed(tokens)
     rows, heads, head_dim = 5, 6, 64

@@ -9,7 +9,7 @@ import pytest
 from scipy import integrate
 from scipy.stats import beta as beta_distribution
 
-from lightning_lab.inference.predictor import (
+from lightning_lab.bon.predict import (
     EmergenceDataset,
     EmergencePredictor,
     PredictConfig,

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lightning_lab.cli import main as lab_main
 from lightning_lab.data.benchmarks import Sample
-from lightning_lab.inference.sampler import Sampler
+from lightning_lab.sampling.sampler import Sampler
 from lightning_lab.models.loading import load_causal_lm
 from lightning_lab.models.lora import load_adapter
 from lightning_lab.training.rl import RewardError, checked_reward, load_reward, policy_loss_terms, rloo_advantages

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from lightning_lab.inference import cpu_kernels
-from lightning_lab.inference.sampler import (INCOMPLETE, KVCache, SamplingParams, Sampler, draw, lookup_draft,
+from lightning_lab.sampling import cpu_kernels
+from lightning_lab.sampling.sampler import (INCOMPLETE, KVCache, SamplingParams, Sampler, draw, lookup_draft,
                                             sampling_weights)
 from lightning_lab.models.loading import LoadedModel, load_causal_lm
 
@@ -171,7 +171,7 @@ def test_cache_repeat_and_select_keep_the_rows_and_what_they_share():
 def test_samples_that_finish_apart_read_the_shared_prompt_right(tiny, monkeypatch):
     """n samples of left-padded prompts, rows dropped as they stop: the kernel gets each row's source row for
     the prompt (checked against the cache's own copies), and the log-probs equal a full pass."""
-    from lightning_lab.inference import llama_decoder
+    from lightning_lab.sampling import llama_decoder
 
     calls = []
     original = llama_decoder.kernels.decode_layer
@@ -479,7 +479,7 @@ def with_and_without(monkeypatch, switch: str, kernel: str, loaded: LoadedModel,
                      **generate) -> tuple[list, list, int]:
     """`generate`'s completions (flattened) with `LlamaDecoder`'s method ``switch`` as it is and with it returning
     False (that path off), and how many times ``cpu_kernels.<kernel>`` ran in all."""
-    from lightning_lab.inference.llama_decoder import LlamaDecoder
+    from lightning_lab.sampling.llama_decoder import LlamaDecoder
 
     calls, decoded = [], []
     with monkeypatch.context() as patch:  # undone on return, so that the next call finds the method as it is
@@ -639,7 +639,7 @@ def test_llama_decoder_keeps_a_model_s_own_activation(tiny):
 def test_a_sliding_window_model_decodes_on_a_dynamic_cache_and_refuses_prompt_lookup(tiny):
     from transformers import DynamicCache
 
-    from lightning_lab.inference.sampler import new_cache
+    from lightning_lab.sampling.sampler import new_cache
 
     loaded = tiny_qwen2(tiny, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     qwen = loaded.model
@@ -659,7 +659,7 @@ def test_a_sliding_window_model_decodes_on_a_dynamic_cache_and_refuses_prompt_lo
 
 
 def test_models_the_decoder_cannot_run_fall_back_to_transformers(tiny):
-    from lightning_lab.inference.llama_decoder import unsupported_reason
+    from lightning_lab.sampling.llama_decoder import unsupported_reason
     from lightning_lab.models.gpt import LabGPTConfig, LabGPTForCausalLM
 
     lab = LabGPTForCausalLM(LabGPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -17,10 +17,12 @@ from typing import Any
 
 import yaml
 
+from lightning_lab.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data or config file is missing or malformed; the message names the file (and line)."""
 
 

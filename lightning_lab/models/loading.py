@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_lab.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -36,7 +38,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model spec that cannot be loaded; the message names the spec or path and what to do."""
 
 

@@ -69,7 +69,7 @@ import torch
 
 from lightning_lab.data.benchmarks import Sample
 from lightning_lab.eval.metrics import score
-from lightning_lab.inference.sampler import Sampler
+from lightning_lab.sampling.sampler import Sampler
 from lightning_lab.models.loading import LoadedModel
 from lightning_lab.models.lora import LoraSettings
 from lightning_lab.training.common import run_stage_cli

@@ -72,7 +72,7 @@ from lightning_lab.data.benchmarks import Sample, load_benchmark
 from lightning_lab.data.io import DataError, JsonlWriter, read_jsonl, read_yaml_or_json, write_json_atomic
 from lightning_lab.eval.metrics import (SCORERS, extract_boxed, extract_gsm8k_answer, latency_stats,
                                         normalize_math_answer, normalize_text, parse_number, pass_at_k, score)
-from lightning_lab.inference.predictor import answer_entropy, dataset_emergence, is_correct, powers_of_two_up_to
+from lightning_lab.bon.predict import answer_entropy, dataset_emergence, is_correct, powers_of_two_up_to
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def collect(config: CollectConfig, out: Path | None = None, resume: bool = False
 
     from lightning_lab.callbacks.pause import PauseFlag
     from lightning_lab.callbacks.tracker import RunTracker
-    from lightning_lab.inference.sampler import Sampler
+    from lightning_lab.sampling.sampler import Sampler
 
     path = Path(out) if out is not None else new_run_path(config.output_dir)
     if path.exists() and path.stat().st_size:
@@ -655,7 +655,7 @@ def analyze(run_paths: Sequence[str | Path], out: str | Path, plot: str | Path |
 
 def predict(run_paths: Sequence[str | Path], out: str | Path, config=None) -> dict:
     """Fit and cross-validate the emergence predictor, fit the beta-binomial extrapolation; save JSON + plot."""
-    from lightning_lab.inference.predictor import (EmergencePredictor, PredictConfig, build_dataset,
+    from lightning_lab.bon.predict import (EmergencePredictor, PredictConfig, build_dataset,
                                                    cross_validate, extrapolation_report)
     from lightning_lab.reports.plots import plot_calibration
 
@@ -696,14 +696,14 @@ def predict(run_paths: Sequence[str | Path], out: str | Path, config=None) -> di
 
 
 def main(argv: list[str]) -> int:
-    from lightning_lab.inference.predictor import PredictConfig
+    from lightning_lab.bon.predict import PredictConfig
 
     parser = argparse.ArgumentParser(prog="lab bon",
                                      description="Best-of-N emergence: collect | distill | analyze | predict")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("collect", help="sample N completions per prompt into a JSONL run file")
-    p.add_argument("--config", help="JSON/YAML collector config (keys: see lightning_lab/inference/bon.py)")
+    p.add_argument("--config", help="JSON/YAML collector config (keys: see lightning_lab/bon/collect.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (value parsed as JSON), repeatable")
     p.add_argument("--out", help="fixed run file (default: <output_dir>/<timestamp>.jsonl)")

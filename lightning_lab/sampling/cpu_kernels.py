@@ -7,10 +7,10 @@ a pass over one or two rows, `panel_linear` for the other fp32 products where th
 `decode_layer` to run a whole layer of a one-token step in one call from them, and `screened_top_k` for an
 fp32 step's k largest logits when that is all the sampler needs; the sampler takes its top-k candidates from
 `top_k`. Elsewhere (CUDA, MPS, no C++ compiler) they keep torch's SDPA, `F.rms_norm`, `topk`
-and the oneDNN products of ``packed.py``. The build (torch's `cpp_extension.load`: a C++ compiler and ninja)
+and the oneDNN products of ``weight_packing.py``. The build (torch's `cpp_extension.load`: a C++ compiler and ninja)
 takes ~40 s once; the library is then cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``) and loads in well under a second. ``python -m
-lightning_lab.inference.cpu_kernels`` builds it ahead of time (the Makefile does).
+lightning_lab.sampling.cpu_kernels`` builds it ahead of time (the Makefile does).
 
 Why kernels of our own, measured on the 2-core development CPU (bf16, SmolLM2-135M, 32 rows sharing a
 69-token prompt): SDPA's CPU kernel takes ~20 ms of a ~75 ms decode step, most of it spent per tiny block;
@@ -111,7 +111,7 @@ def small_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.T
                  portable: bool = False) -> torch.Tensor:
     """``x`` (..., in_features) with at most `SMALL_LINEAR_ROWS` rows, times each of ``weights`` (out_features_i,
     in_features), the outputs side by side (..., sum of out_features_i), plus ``bias``: the stacked layers of a
-    `packed.FusedLinear` without stacking them. Summed in fp32 and rounded once to x's dtype, like oneDNN's
+    `weight_packing.FusedLinear` without stacking them. Summed in fp32 and rounded once to x's dtype, like oneDNN's
     products, in another order."""
     out = compiled(portable).small_linear(x.reshape(-1, x.shape[-1]), list(weights), bias)
     return out.view(*x.shape[:-1], out.shape[-1])

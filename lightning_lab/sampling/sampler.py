@@ -94,7 +94,7 @@ kernels they differ by bf16 rounding.
 
 Speed (``bench/sampler.py`` measures it against ``transformers.generate``): shared prefill; the preallocated
 cache; the written-out forward; a 4D decode mask that keeps SDPA on its fast grouped-query path
-(`Sampler._decode_mask`); oneDNN-prepacked linear weights on CPU (``packed.py``, ``pack_weights``); CPU
+(`Sampler._decode_mask`); oneDNN-prepacked linear weights on CPU (``weight_packing.py``, ``pack_weights``); CPU
 kernels for one-token attention (the n samples of a prompt read its keys once, `KVCache.shared_prefix`),
 RMSNorm, rotary, silu(gate) * up, top-k, the products of one-row passes and fp32 products from packed
 panels (``cpu_kernels.cpp``, ``cpu_kernels``); in fp32 only the k logits top-k needs, screened by a bf16
@@ -124,10 +124,10 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_laye
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lightning_lab.inference import cpu_kernels as kernels
-from lightning_lab.inference import packed
-from lightning_lab.inference.llama_decoder import LlamaDecoder, TopLogits, unsupported_reason
-from lightning_lab.inference.packed import PackedLinears
+from lightning_lab.sampling import cpu_kernels as kernels
+from lightning_lab.sampling import weight_packing as packed
+from lightning_lab.sampling.llama_decoder import LlamaDecoder, TopLogits, unsupported_reason
+from lightning_lab.sampling.weight_packing import PackedLinears
 
 TOP_P_CANDIDATES = 256  # top-p looks at this many best tokens first; sorts the whole vocabulary only if they fall short
 DRAW_BLOCK = 1024  # `draw` finds a block of this many tokens, then the token within it

@@ -8,7 +8,7 @@ per token through transformers' forward with prepacked weights, 31 ms here). `Ll
 same function from the same weights with fewer operations:
 
 - one product for q, k and v and one for gate and up (weights concatenated once; on CPU prepacked for
-  oneDNN, see ``packed.py``); the concatenated products are the same dot products. On CPU with the kernels
+  oneDNN, see ``weight_packing.py``); the concatenated products are the same dot products. On CPU with the kernels
   of ``cpu_kernels.cpp``, a pass over one or two rows takes its products from `kernels.small_linear` (the
   unstacked weights), and an fp32 pass over more rows from `kernels.panel_linear` (the weights packed in
   panels), both faster there than oneDNN;
@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from lightning_lab.inference import cpu_kernels as kernels
-from lightning_lab.inference import packed
-from lightning_lab.inference.packed import FusedLinear
+from lightning_lab.sampling import cpu_kernels as kernels
+from lightning_lab.sampling import weight_packing as packed
+from lightning_lab.sampling.weight_packing import FusedLinear
 
 SUPPORTED_MODEL_TYPES = {"llama", "qwen2"}
 # rotary types whose angle at a position does not depend on the sequence length (a table can hold them)
