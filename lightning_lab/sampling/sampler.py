@@ -127,6 +127,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from lightning_lab.sampling import cpu_kernels as kernels
 from lightning_lab.sampling import weight_packing as packed
 from lightning_lab.sampling.llama_decoder import LlamaDecoder, TopLogits, unsupported_reason
+from lightning_lab.sampling.prompts import Prompt, encode_prompt
 from lightning_lab.sampling.weight_packing import PackedLinears
 
 TOP_P_CANDIDATES = 256  # top-p looks at this many best tokens first; sorts the whole vocabulary only if they fall short
@@ -138,7 +139,6 @@ INCOMPLETE = "\ufffd"  # what decoding shows for the bytes of a character that i
 LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, then 1
 MASK_4D_IMPLEMENTATIONS = {"sdpa", "eager", CAPTURE_ATTENTION}  # take an additive (batch, 1, queries, keys) mask
 
-Prompt = str | Sequence[dict] | Sequence[int]
 
 
 # ---- results ------------------------------------------------------------------------------------
@@ -706,26 +706,8 @@ class Sampler:
     # ---- prompts ----
 
     def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
-        """Token ids of one prompt (see the module docstring for `chat`)."""
-        has_template = bool(getattr(self.tokenizer, "chat_template", None))
-        if isinstance(prompt, str):
-            if not (has_template if chat is None else chat):
-                return list(self.tokenizer(prompt)["input_ids"])
-            messages = [{"role": "user", "content": prompt}]
-        elif len(prompt) and all(isinstance(token, numbers.Integral) for token in prompt):
-            return [int(token) for token in prompt]
-        elif len(prompt) and all(isinstance(message, dict) for message in prompt):
-            if chat is False:
-                raise ValueError("chat=False, but the prompt is a list of chat messages")
-            messages = list(prompt)
-        else:
-            raise TypeError(f"prompt must be text, a non-empty list of chat messages or of token ids, got {prompt!r:.80}")
-        if not has_template:
-            raise ValueError(f"{type(self.tokenizer).__name__} has no chat template: pass plain text, "
-                             "or chat=False, for this model")
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)
-        return list(encoded["input_ids"])
+        """Token ids of one prompt with this sampler's tokenizer (`encode_prompt`)."""
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     # ---- batch decoding ----
 

@@ -57,6 +57,7 @@ from lightning_lab.data.benchmarks import Sample, load_benchmark
 from lightning_lab.data.io import DataError
 from lightning_lab.models.loading import load_causal_lm
 from lightning_lab.models.lora import LoraSettings, add_lora, save_adapter
+from lightning_lab.sampling.prompts import encode_prompt
 from lightning_lab.training.common import run_stage_cli
 from lightning_lab.training.pretrain import warmup_cosine
 
@@ -167,17 +168,6 @@ class SampleDataModule(L.LightningDataModule):
 
 
 # ---- tokenization -----------------------------------------------------------------------------
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a prompt exactly as `Sampler.encode` makes them at inference: the chat template
-    with one user turn and the assistant header when the tokenizer has one, else the text verbatim
-    (with the tokenizer's usual special tokens), so put any separator in the prompt text itself."""
-    if getattr(tokenizer, "chat_template", None):
-        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)
-        return list(encoded["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
 
 
 def completion_text(sample: Sample) -> str:
