@@ -1,0 +1,76 @@
+"""ThoughtInjector: thoughts go where and as often as asked, stay in the model's context, never in the text."""
+
+import pytest
+
+from lightning_lab.errors import UserError
+from lightning_lab.models.loading import load_causal_lm
+from lightning_lab.quietstar.injector import InjectorConfig, ThoughtInjector
+from lightning_lab.quietstar.tokens import add_thought_tokens, strip_thoughts
+from lightning_lab.sampling.sampler import Sampler
+
+
+@pytest.fixture(scope="module")
+def thinking(tiny_llama_dir):
+    loaded = load_causal_lm(tiny_llama_dir, device="cpu", dtype="fp32")
+    thoughts = add_thought_tokens(loaded.model, loaded.tokenizer)
+    return Sampler(loaded), thoughts
+
+
+def test_hidden_thoughts_never_reach_the_text(thinking):
+    sampler, thoughts = thinking
+    # every position is a candidate (the empty boundary ends every piece) and every candidate gets a thought
+    config = InjectorConfig(thought_probability=1.0, max_thought_length=4, boundaries=[""])
+    trace = ThoughtInjector(sampler, thoughts, config).generate("What is 2 + 3?", max_new_tokens=12, seed=3)
+    assert len(trace.thoughts) >= 2
+    assert trace.visible_ids == strip_thoughts(trace.token_ids, thoughts)
+    assert trace.text == sampler.tokenizer.decode(trace.visible_ids, skip_special_tokens=True)
+    assert thoughts.start not in trace.text and thoughts.end not in trace.text
+    # the model saw each thought, markers included, at its recorded place
+    rebuilt, done = [], 0
+    for thought in trace.thoughts:
+        rebuilt += trace.visible_ids[done:thought.position] + [thoughts.start_id] + thought.token_ids + [thoughts.end_id]
+        done = thought.position
+        assert len(thought.token_ids) <= 4
+    assert rebuilt + trace.visible_ids[done:] == trace.token_ids
+
+    shown = ThoughtInjector(sampler, thoughts, InjectorConfig(**{**vars(config), "show_thoughts": True}))
+    shown_trace = shown.generate("What is 2 + 3?", max_new_tokens=12, seed=3)
+    assert shown_trace.token_ids == trace.token_ids  # same draws; only what is shown differs
+    assert thoughts.start in shown_trace.text and thoughts.end in shown_trace.text
+
+
+def test_no_thoughts_is_plain_greedy_decoding(thinking):
+    sampler, thoughts = thinking
+    trace = ThoughtInjector(sampler, thoughts, InjectorConfig(thought_probability=0.0)).generate(
+        "What is 2 + 3?", max_new_tokens=16, greedy=True)
+    plain = sampler.generate("What is 2 + 3?", max_new_tokens=16, greedy=True).completions[0][0]
+    assert trace.thoughts == [] and trace.token_ids == plain.token_ids and trace.text == plain.text
+
+
+def test_thought_after_the_question_changes_the_answer_context(thinking):
+    sampler, thoughts = thinking
+    config = InjectorConfig(thought_probability=1.0, max_thought_length=6, boundaries=[])
+    injector = ThoughtInjector(sampler, thoughts, config)
+    first = injector.generate("What is 2 + 3?", max_new_tokens=8, greedy=True, seed=1)
+    # injected only after the question (no boundary can match); the random model may start thoughts itself
+    assert [t.position for t in first.thoughts if t.injected] == [0]
+    assert first.token_ids[0] == thoughts.start_id
+    assert injector.generate("What is 2 + 3?", max_new_tokens=8, greedy=True, seed=1) == first  # reproducible
+    thought = first.thoughts[0]
+    assert 1 <= len(thought.token_ids) + (not thought.closed_by_model) and len(thought.token_ids) <= 6
+
+
+def test_boundaries_skip_decimal_points(thinking):
+    sampler, thoughts = thinking
+    injector = ThoughtInjector(sampler, thoughts)
+    ids = sampler.tokenizer("It is 3.", add_special_tokens=False)["input_ids"]
+    assert not injector._is_boundary(ids, ".")
+    ids = sampler.tokenizer("It is three.", add_special_tokens=False)["input_ids"]
+    assert injector._is_boundary(ids, ".")
+
+
+def test_bad_injector_settings_are_user_errors():
+    with pytest.raises(UserError, match="thought_probability"):
+        InjectorConfig(thought_probability=1.5)
+    with pytest.raises(UserError, match="max_thought_length"):
+        InjectorConfig(max_thought_length=0)
