@@ -1,10 +1,12 @@
 """ThoughtInjector: thoughts go where and as often as asked, stay in the model's context, never in the text."""
 
 import pytest
+import torch
 
 from lightning_lab.errors import UserError
 from lightning_lab.models.loading import load_causal_lm
-from lightning_lab.quietstar.injector import InjectorConfig, ThoughtInjector
+from lightning_lab.quietstar.injector import InjectorConfig, ThoughtInjector, ThoughtTrace
+from lightning_lab.quietstar.quality import gold_ids, trace_quality
 from lightning_lab.quietstar.tokens import add_thought_tokens, strip_thoughts
 from lightning_lab.sampling.sampler import Sampler
 
@@ -74,3 +76,35 @@ def test_bad_injector_settings_are_user_errors():
         InjectorConfig(thought_probability=1.5)
     with pytest.raises(UserError, match="max_thought_length"):
         InjectorConfig(max_thought_length=0)
+
+
+def gold_loglik(model, context: list[int], gold: list[int]) -> float:
+    """Mean log p(gold token | context, earlier gold tokens), from one plain forward pass."""
+    ids = torch.tensor([context + gold])
+    logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    return sum(float(logprobs[len(context) - 1 + j, token]) for j, token in enumerate(gold)) / len(gold)
+
+
+def test_trace_quality_matches_hand_computed_likelihoods(thinking):
+    sampler, thoughts = thinking
+    model, tokenizer = sampler.model, sampler.tokenizer
+    prompt = tokenizer("What is 2 + 3?", add_special_tokens=False)["input_ids"]
+    s, e = thoughts.start_id, thoughts.end_id
+    # answer "It is" + thought A, then " five" + thought B, then "."
+    answer = [tokenizer(piece, add_special_tokens=False)["input_ids"] for piece in ("It is", " five", ".")]
+    thought_a, thought_b = [40, 41, 42], [43]
+    token_ids = answer[0] + [s] + thought_a + [e] + answer[1] + [s] + thought_b + [e] + answer[2]
+    visible = answer[0] + answer[1] + answer[2]
+    trace = ThoughtTrace(prompt, token_ids, visible, [], "", "length")
+    gold = gold_ids(tokenizer, "5")
+    assert gold == tokenizer("\nThe answer is 5.", add_special_tokens=False)["input_ids"]
+
+    quality = trace_quality(model, trace, thoughts, gold)
+    with torch.no_grad():
+        before_a = prompt + answer[0]
+        before_b = before_a + [s] + thought_a + [e] + answer[1]
+        expected = [gold_loglik(model, before_a + [s] + thought_a + [e], gold) - gold_loglik(model, before_a, gold),
+                    gold_loglik(model, before_b + [s] + thought_b + [e], gold) - gold_loglik(model, before_b, gold)]
+    assert quality.per_thought == pytest.approx(expected, abs=1e-4)
+    assert quality.mean == pytest.approx(sum(expected) / 2, abs=1e-4)
+    assert trace_quality(model, ThoughtTrace(prompt, visible, visible, [], "", "length"), thoughts, gold).mean is None
