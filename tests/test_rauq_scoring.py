@@ -11,7 +11,7 @@ import torch
 
 from lightning_lab.errors import UserError
 from lightning_lab.rauq.heads import HeadSelection, HeadsFile, load_heads
-from lightning_lab.rauq.scoring import (RunningScore, choose_heads, confidences, middle_layers,
+from lightning_lab.rauq.scoring import (RunningScore, choose_heads, completion_attention, confidences, middle_layers,
                                         previous_token_attention, score_sequence)
 from lightning_lab.rauq.threshold import Threshold, fit_threshold, load_threshold
 
@@ -34,11 +34,11 @@ def test_middle_layers_follow_the_reference():
 def test_conventions_read_the_sub_diagonal_or_the_diagonal_one_step_back():
     # 1 layer, 1 head; prompt of 2 tokens, completion of 3 (positions 2, 3, 4)
     matrix = causal_matrix(5, seed=0)[None, None]
-    paper = previous_token_attention(matrix, prompt_length=2, convention="paper")[0, 0]
-    polygraph = previous_token_attention(matrix, prompt_length=2, convention="lm-polygraph")[0, 0]
+    paper = previous_token_attention(matrix[..., 2:, :], prompt_length=2, convention="paper")[0, 0]
+    polygraph = previous_token_attention(matrix[..., 2:, :], prompt_length=2, convention="lm-polygraph")[0, 0]
     a = matrix[0, 0].tolist()
     assert paper.tolist() == pytest.approx([a[2][1], a[3][2], a[4][3]])
-    assert polygraph[1:].tolist() == pytest.approx([a[2][2], a[3][3]])  # a_0 is never read by the recurrence
+    assert math.isnan(polygraph[0]) and polygraph[1:].tolist() == pytest.approx([a[2][2], a[3][3]])
 
 
 def test_recurrence_and_per_layer_scores_match_hand_computed_values():
@@ -142,16 +142,22 @@ def test_lm_polygraph_convention_reproduces_the_reference_on_generate_step_atten
             attention_all[:, j, :j] = stacked.numpy()
         expected = reference_rauq(attention_all, log_likelihoods, 6, 4, alpha=0.2)
 
-        full = model(out.sequences, output_attentions=True)
-    matrices = torch.stack([layer[0] for layer in full.attentions])  # (layers, heads, S, S)
-    logprobs = torch.log_softmax(full.logits[0, prompt_length - 1:-1].double(), -1).gather(-1, sequence[:, None])[:, 0]
-    attention = previous_token_attention(matrices, prompt_length, "lm-polygraph")
+    # ours: one teacher-forced pass of the shared scoring function over prompt + completion
+    (logprobs, attention), = completion_attention(model, prompt.tolist(), [sequence.tolist()], "lm-polygraph")
     ours = score_sequence(logprobs, attention, 0.2, convention="lm-polygraph")
     assert sorted(ours.layer_scores) == [2, 3, 4]
     assert ours.score == pytest.approx(expected, rel=1e-5)
-    # and the paper's reading is a different number: the two conventions are one step apart
-    assert score_sequence(logprobs, previous_token_attention(matrices, prompt_length), 0.2).score != pytest.approx(
-        ours.score - 1, rel=1e-5)
+    # the paper's reading is the sub-diagonal of the same pass: one query later than the reference's
+    (_, paper), = completion_attention(model, prompt.tolist(), [sequence.tolist()], "paper")
+    assert not torch.allclose(paper[..., 1:], attention[..., 1:])
+    with torch.no_grad():
+        full = model(out.sequences, output_attentions=True).attentions
+    assert paper[3, 2, 4] == pytest.approx(float(full[3][0, 2, prompt_length + 4, prompt_length + 3]), rel=1e-5)
+    assert attention[3, 2, 4] == pytest.approx(float(full[3][0, 2, prompt_length + 3, prompt_length + 3]), rel=1e-5)
+    # in a ragged batch (a longer row pads this one) each row reads its own positions
+    batch = completion_attention(model, [[7, 7, 7, 7, 7, 7, 7, 1], prompt[0].tolist()],
+                                 [[3, 4], sequence.tolist()], "lm-polygraph")
+    assert torch.allclose(batch[1][1][..., 1:], attention[..., 1:], atol=1e-6)
 
 
 def test_head_selection_pools_completion_tokens():

@@ -18,7 +18,7 @@ full forward pass over prompt + completion, ``p`` the prompt length, so completi
   offset=-1)`` of those rows is a_t = A[p+t-1, p+t-1], the diagonal entry of token t-1's row (token t-1's
   query on itself). The reference also reports ``1 - mean log c`` rather than ``-mean log c``; this
   convention does the same, so its numbers equal the reference's.
-Only a_t for t >= 1 enters the recurrence; a_0 is NaN where it does not exist.
+Only a_t for t >= 1 enters the recurrence (a_0 is NaN in the lm-polygraph reading).
 
 Heads: the paper picks, per layer, the head whose a_t has the largest mean over the completion (t >= 1),
 per sequence (`choose_heads`). A controller must be causal, so it fixes the heads beforehand on
@@ -62,17 +62,17 @@ def middle_layers(num_layers: int) -> list[int]:
     return [layer for layer in range(num_layers // 3, math.ceil(num_layers / 3 * 2) + 1) if layer < num_layers]
 
 
-def previous_token_attention(attentions: torch.Tensor, prompt_length: int, convention: str = "paper") -> torch.Tensor:
-    """a_t for every layer, head and completion token: (layers, heads, T) float64 from the attention weights
-    (layers, heads, S, S) of one full pass over S = prompt_length + T tokens (module docstring)."""
+def previous_token_attention(rows: torch.Tensor, prompt_length: int, convention: str = "paper") -> torch.Tensor:
+    """a_t of every head and completion token, (..., T) float64, from the attention rows of the completion's
+    queries (..., T, S) over the sequence's positions 0..S-1 of one full pass (``models.scoring.score(...,
+    attention_rows=True)``, or a full matrix's rows ``[..., prompt_length:, :]``); module docstring."""
     check_convention(convention)
-    total = attentions.shape[-1]
-    steps = torch.arange(total - prompt_length, device=attentions.device)
+    steps = torch.arange(rows.shape[-2], device=rows.device)
     columns = prompt_length + steps - 1  # the key of token t-1 in both readings
     # the query: token t itself (paper), or token t-1, the one the step that generated token t consumed
-    rows = columns + 1 if convention == "paper" else columns
-    valid = (rows >= 0) & (columns >= 0)
-    values = attentions[..., rows.clamp(min=0), columns.clamp(min=0)].double()
+    queries = steps if convention == "paper" else steps - 1
+    valid = (queries >= 0) & (columns >= 0)
+    values = rows[..., queries.clamp(min=0), columns.clamp(min=0)].double()
     return values.masked_fill(~valid, float("nan"))
 
 
@@ -167,3 +167,25 @@ class RunningScore:
         if not self.log_sums:
             return float("nan")
         return max(-total / len(self.log_sums) for total in self.log_sums[-1])
+
+
+def completion_attention(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]],
+                         completion_ids: Sequence[Sequence[int]], convention: str = "paper"
+                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row, log P(y_t) (T,) and a_t of every head (layers, heads, T) from one teacher-forced pass of the
+    shared scoring function (``models.scoring.score`` with every head; with its attention rows for the
+    lm-polygraph reading, which the sub-diagonal alone does not hold)."""
+    from lightning_lab.models.scoring import pretrained_model, score
+
+    config = pretrained_model(model).config.get_text_config(decoder=True)
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    polygraph = check_convention(convention) == "lm-polygraph"
+    scores = score(model, prompt_ids, completion_ids, heads="all", attention_rows=polygraph)
+    rows = []
+    for row, (prompt_length, length) in enumerate(zip(scores.prompt_lengths, scores.completion_lengths)):
+        if polygraph:
+            attention = previous_token_attention(scores.attention_rows[row, :, :length], prompt_length, convention)
+        else:
+            attention = scores.attention[row, :, :length].double()
+        rows.append((scores.logprobs[row, :length].double(), attention.reshape(layers, heads, length)))
+    return rows
