@@ -35,6 +35,13 @@ def file_hash(path: str | os.PathLike) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def write_new_json(path: str | os.PathLike, record: dict) -> None:
+    """Write `record` as JSON to a file that does not exist yet (nothing already written is overwritten)."""
+    if Path(path).exists():
+        raise DataError(f"{path}: already exists; pass another --output (nothing is overwritten)")
+    write_json_atomic(path, record)
+
+
 class HeadSelection:
     """Sums a_t (t >= 1) per (layer, head) over calibration completions; `heads` is the argmax per layer."""
 
@@ -68,11 +75,9 @@ class HeadsFile:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write it as JSON; an existing file is never overwritten."""
-        if Path(path).exists():
-            raise DataError(f"{path}: already exists; pass another --output (nothing is overwritten)")
         record = asdict(self)
         record["heads"] = {str(layer): head for layer, head in self.heads.items()}
-        write_json_atomic(path, record)
+        write_new_json(path, record)
 
     @property
     def pairs(self) -> list[tuple[int, int]]:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_lab.data.io import DataError, write_json_atomic
+from lightning_lab.data.io import DataError
 from lightning_lab.errors import UserError
+from lightning_lab.rauq.heads import write_new_json
 
 UNITS = ("token", "sequence")
 
@@ -44,9 +45,7 @@ class Threshold:
     data_hash: str
 
     def save(self, path: str | os.PathLike) -> None:
-        if Path(path).exists():
-            raise DataError(f"{path}: already exists; pass another --output (nothing is overwritten)")
-        write_json_atomic(path, asdict(self))
+        write_new_json(path, asdict(self))
 
     def check(self, alpha: float, model: str, heads_hash: str, where: str) -> None:
         """Refuse a theta fitted for another alpha, model or heads file (`where`: the theta file's path)."""
