@@ -10,6 +10,7 @@ Stage commands (`lab pretrain fit ...`) hand their arguments to a LightningCLI; 
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 from lightning_lab.errors import EXIT_USER_ERROR, UserError
@@ -37,6 +38,12 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def command_name(name: str, rest: list[str]) -> str:
+    """How an error names the command: ``data pack`` when the first argument is a subcommand (a plain
+    lowercase word, not a flag, path or value), else just ``export``."""
+    return f"{name} {rest[0]}" if rest and re.fullmatch(r"[a-z][a-z0-9_-]*", rest[0]) else name
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # show the traceback of a user error too
@@ -53,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     function = getattr(importlib.import_module(module_name), function_name)
     try:
         return int(function(rest) or 0)
-    except UserError as error:
-        if debug:
+    except (UserError, OSError) as error:
+        # An OSError that names a file (permission denied, no space left, is a directory...) is about the
+        # user's paths, not a bug in the lab; any other OSError keeps its traceback.
+        if debug or (isinstance(error, OSError) and not error.filename):
             raise
-        command = " ".join([name] + rest[:1]) if rest[:1] and not rest[0].startswith("-") else name
-        print(f"lab {command}: error: {error}", file=sys.stderr)
+        message = str(error) if isinstance(error, UserError) else f"{error.filename}: {error.strerror}"
+        print(f"lab {command_name(name, rest)}: error: {' '.join(message.split())}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

@@ -6,15 +6,16 @@ The directory holds ``config.json``, ``generation_config.json``, ``model.safeten
 tokenizer files, so ``load_causal_lm(DIR)`` and ``AutoModelForCausalLM.from_pretrained(DIR)``
 (after ``import lightning_lab.models.gpt``, which registers ``lab_gpt``) load it, and the
 directory no longer depends on the run directory or the tokenizer path the run used.
+``--out`` must not exist yet (or be an empty directory): an export never overwrites.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from lightning_lab.models.loading import ModelLoadError, load_causal_lm
+from lightning_lab.errors import check_input_file, check_new_output_dir
+from lightning_lab.models.loading import load_causal_lm, save_model_dir
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
@@ -24,24 +25,19 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "fp32") ->
     # generate() stops at EOS and pads with PAD without being told each time
     loaded.model.generation_config.eos_token_id = tokenizer.eos_token_id
     loaded.model.generation_config.pad_token_id = tokenizer.pad_token_id
-    out = Path(out)
-    loaded.model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_model_dir(loaded.model, tokenizer, out)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lab export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True,
                         help="a lab checkpoint (.ckpt), e.g. runs/pretrain/NAME/checkpoints/last.ckpt")
-    parser.add_argument("--out", required=True, help="output directory (created; existing files are overwritten)")
+    parser.add_argument("--out", required=True, help="output directory (must not exist yet, or be empty)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
                         help="weights dtype (default fp32)")
     args = parser.parse_args(argv)
-    try:
-        out = export_checkpoint(args.ckpt, args.out, args.dtype)
-    except ModelLoadError as error:
-        print(f"lab export: {error}", file=sys.stderr)
-        return 1
+    check_input_file(args.ckpt, "--ckpt")
+    check_new_output_dir(args.out, "--out")
+    out = export_checkpoint(args.ckpt, args.out, args.dtype)
     print(f"wrote {out}/ (model.safetensors, config.json, tokenizer) from {args.ckpt}")
     return 0

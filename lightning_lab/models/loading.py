@@ -16,9 +16,10 @@ what to pass instead.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import socket
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_lab.data.io import read_yaml_or_json
 from lightning_lab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -173,11 +175,27 @@ def load_causal_lm(spec: str = DEFAULT_MODEL, device: str | torch.device = "auto
     return loaded
 
 
+def check_safetensors(path: Path) -> None:
+    """`path` is a safetensors file whose header is whole (read without loading a tensor)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as weights:
+            weights.keys()
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError)
+        raise ModelLoadError(f"{path}: corrupt safetensors file ({first_line(error)})") from error
+
+
 def _load_hf_dir(path: Path, kwargs: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: not a Hugging Face model directory (no config.json)")
+    read_yaml_or_json(path / "config.json")  # a malformed config is named with its line
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -212,29 +230,61 @@ def _load_alias(alias: str, kwargs: dict):
     gguf = alias_gguf_path(alias)
     log.info("first use of %s: dequantising %s (cached in %s)", alias, gguf, cached)
     model, tokenizer = _load_gguf(gguf, {**kwargs, "dtype": torch.float32})
-    staging = cached.with_name(f".{alias}.tmp-{os.getpid()}")
+    try:
+        save_model_dir(model, tokenizer, cached)
+    except OSError as error:
+        log.warning("could not cache %s in %s (%s); loading from GGUF each time", alias, cached, error)
+    return model.to(kwargs["dtype"]), tokenizer
+
+
+def save_model_dir(model, tokenizer, directory: str | Path) -> Path:
+    """`save_pretrained` model and tokenizer into `directory` (absent or empty), all at once: they are written
+    to a hidden staging folder beside it, renamed into place when complete, so a failure (or a concurrent
+    writer) never leaves half a model there."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, cached)  # atomic: a concurrent or killed writer never leaves a half cache
-    except OSError as error:
-        log.warning("could not cache %s in %s (%s); loading from GGUF each time", alias, cached, error)
+        os.replace(staging, directory)  # atomic; an empty directory is replaced, a non-empty one refused
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return model.to(kwargs["dtype"]), tokenizer
+    return directory
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A lab checkpoint's dictionary, unpickled with ``weights_only=True``: tensors, numbers, strings and
+    containers only, so a checkpoint from elsewhere cannot run code. Lab stages save nothing else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path}: {'is a directory' if path.is_dir() else 'no such file'}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        forbidden = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f"it would call {forbidden.group(1)}" if forbidden else "it is not a plain-weights pickle"
+        raise ModelLoadError(f"checkpoint {path}: refused to load, {what} (lab checkpoints hold only tensors, "
+                             "numbers and strings and load with torch's weights_only=True)") from error
+    except Exception as error:  # torch raises KeyError, EOFError, RuntimeError ... on a corrupt or foreign file
+        raise ModelLoadError(f"checkpoint {path}: not a readable torch checkpoint "
+                             f"({type(error).__name__}: {first_line(error)})") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ModelLoadError(f"checkpoint {path}: not a lab checkpoint (no state_dict)")
+    return checkpoint
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, shortened: library messages can run to paragraphs."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else ""
 
 
 def _load_lab_checkpoint(path: Path, kwargs: dict):
     """A lab stage checkpoint: `model.`-prefixed state dict, model_config.json in the run directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if not path.is_file():
-        raise ModelLoadError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise ModelLoadError(f"checkpoint {path} could not be read: {error}") from error
+    checkpoint = load_checkpoint(path)
     run_dir = path.parent.parent
     config_file = run_dir / "model_config.json"
     if not config_file.is_file():
@@ -247,11 +297,14 @@ def _load_lab_checkpoint(path: Path, kwargs: dict):
             raise ModelLoadError(f"checkpoint {path}: no tokenizer in {run_dir / 'tokenizer'}, and its `tokenizer` "
                                  f"hyper-parameter {tokenizer_dir!r} is not a directory from here (a relative "
                                  "path counts from where training ran)")
-    config_dict = json.loads(config_file.read_text())
+    config_dict = read_yaml_or_json(config_file)
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model = AutoModelForCausalLM.from_config(config, **kwargs)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelLoadError(f"checkpoint {path}: its weights do not fit {config_file} ({first_line(error)})") from error
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     return model, tokenizer
 

@@ -23,15 +23,16 @@ needs no ``--base``. The merged directory is an ordinary Hugging Face model that
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lightning_lab.models.loading import DTYPES, LoadedModel, ModelLoadError, load_causal_lm
+from lightning_lab.data.io import read_yaml_or_json
+from lightning_lab.errors import ArgumentParser, check_new_output_dir
+from lightning_lab.models.loading import (DTYPES, LoadedModel, ModelLoadError, check_safetensors, load_causal_lm,
+                                          save_model_dir)
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,26 @@ def save_adapter(model: torch.nn.Module, tokenizer, directory: str | Path, base_
     return directory
 
 
+def check_adapter_dir(adapter_dir: str | Path) -> dict:
+    """The adapter's config, once the directory is checked to hold a readable adapter (config and weights):
+    a bad adapter is named before any model loads."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise ModelLoadError(f"adapter {adapter_dir}: "
+                             f"{'is a file, expected a directory' if adapter_dir.exists() else 'no such directory'}")
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"adapter {adapter_dir}: not a LoRA adapter directory (no adapter_config.json)")
+    check_safetensors(adapter_dir / "adapter_model.safetensors")
+    return read_yaml_or_json(config_file)
+
+
 def adapter_base_spec(adapter_dir: str | Path) -> str:
     """The base model spec recorded in an adapter directory's adapter_config.json."""
-    config_file = Path(adapter_dir) / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{adapter_dir}: not a LoRA adapter directory (no adapter_config.json)")
-    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    base = check_adapter_dir(adapter_dir).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{config_file}: no base_model_name_or_path; pass the base model spec (--base)")
+        raise ModelLoadError(f"{Path(adapter_dir) / 'adapter_config.json'}: no base_model_name_or_path; "
+                             "pass the base model spec (--base)")
     return base
 
 
@@ -120,8 +133,8 @@ def load_adapter(adapter_dir: str | Path, base: str | None = None, device: str |
     """
     from peft import PeftModel
 
-    base = base or adapter_base_spec(adapter_dir)
-    loaded = load_causal_lm(base, device=device, dtype=dtype)
+    check_adapter_dir(adapter_dir)
+    loaded = load_causal_lm(base or adapter_base_spec(adapter_dir), device=device, dtype=dtype)
     model = PeftModel.from_pretrained(loaded.model, str(adapter_dir)).eval()
     return LoadedModel(model, loaded.tokenizer, loaded.spec, loaded.device, loaded.dtype)
 
@@ -132,26 +145,22 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     loaded = load_adapter(adapter_dir, base=base, device="cpu", dtype="fp32")
     merged = loaded.model.merge_and_unload()
     merged = merged.to(DTYPES[dtype])
-    out_dir = Path(out_dir)
-    merged.save_pretrained(out_dir)
-    loaded.tokenizer.save_pretrained(out_dir)
+    out_dir = save_model_dir(merged, loaded.tokenizer, out_dir)
     log.info("merged %s into %s -> %s", adapter_dir, loaded.spec, out_dir)
     return out_dir
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lab adapter", description="LoRA adapter tools")
+    parser = ArgumentParser(prog="lab adapter", description="LoRA adapter tools")
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser("merge", help="write base + LoRA as one Hugging Face model directory")
     merge.add_argument("--adapter", required=True, help="adapter directory (runs/<stage>/<name>/adapters/<adapter>)")
-    merge.add_argument("--out", required=True, help="output directory for the merged model")
+    merge.add_argument("--out", required=True, help="output directory for the merged model (new, or empty)")
     merge.add_argument("--base", default=None, help="base model spec (default: the one recorded in the adapter)")
     merge.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        out = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype)
-    except (FileNotFoundError, ValueError, ModelLoadError) as error:
-        parser.exit(2, f"lab adapter merge: error: {error}\n")
-    print(out)
+    check_adapter_dir(args.adapter)  # the adapter and the output are checked before the base model loads
+    check_new_output_dir(args.out, "--out")
+    print(merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype))
     return 0
