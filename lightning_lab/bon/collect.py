@@ -72,6 +72,7 @@ from lightning_lab.data.benchmarks import Sample, load_benchmark
 from lightning_lab.data.io import DataError, JsonlWriter, read_jsonl, read_yaml_or_json, write_json_atomic
 from lightning_lab.eval.metrics import (SCORERS, extract_boxed, extract_gsm8k_answer, latency_stats,
                                         normalize_math_answer, normalize_text, parse_number, pass_at_k, score)
+from lightning_lab.loops import package_versions
 from lightning_lab.bon.predict import answer_entropy, dataset_emergence, is_correct, powers_of_two_up_to
 
 log = logging.getLogger(__name__)
@@ -266,16 +267,6 @@ def prompt_record(sample: Sample, completions: Sequence, config: CollectConfig, 
 
 
 # ---- collect ------------------------------------------------------------------------------------
-
-
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for package in ("lightning_lab", "torch", "transformers", "peft", "numpy"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
 
 
 def batch_seed(seed: int, prompt_ids: Sequence[str]) -> int:

@@ -7,10 +7,13 @@ silently: blank lines are the only lines a reader ignores.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import socket
 import tempfile
+from datetime import datetime
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,33 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
         raise
 
 
+def lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def hold_write_lock(path: str | os.PathLike):
+    """An exclusive `flock` on ``.<name>.lock`` beside `path`, held until the returned file is closed.
+
+    The lock file also says who holds it (pid, host, since when), so a refused writer can name
+    the holder. JsonlWriter never deletes it: deleting a lock file lets two processes lock two
+    different files of the same name. The lock ends with the holder's process, however it ends.
+    """
+    path = Path(path)
+    lock = open(lock_path(path), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise DataError(f"{path}: being written by {holder}; two writers would interleave their lines, "
+                        f"so wait for it to finish or stop it") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now().isoformat(timespec='seconds')}\n")
+    lock.flush()
+    return lock
+
+
 class JsonlWriter:
     """Append-only JSONL results file that survives being killed and supports `--resume`.
 
@@ -79,6 +109,10 @@ class JsonlWriter:
     and line. A last line that is complete JSON but lacks only its newline is kept.
     `done_ids()` gives the ids already in the file, so a rerun can skip them.
 
+    ``exclusive=True`` holds an exclusive lock (`hold_write_lock`) from before the file is read
+    until `close`: a second writer, in this process or another, is refused with a `DataError`
+    naming the holder, instead of interleaving its lines (or repairing a line still being written).
+
         with JsonlWriter("runs/bon/x/samples.jsonl") as out:
             for sample in samples:
                 if sample.id in out.done_ids():
@@ -86,10 +120,12 @@ class JsonlWriter:
                 out.write({"id": sample.id, "completion": ...})
     """
 
-    def __init__(self, path: str | os.PathLike, id_key: str = "id"):
+    def __init__(self, path: str | os.PathLike, id_key: str = "id", exclusive: bool = False):
         self.path = Path(path)
         self.id_key = id_key
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock_path = lock_path(self.path)
+        self._lock = hold_write_lock(self.path) if exclusive else None
         self._done_ids: set[str] = set()
         if self.path.exists():
             self._repair_last_line()
@@ -139,6 +175,9 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._file.close()
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
 
     def __enter__(self) -> JsonlWriter:
         return self
