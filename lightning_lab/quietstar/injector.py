@@ -182,3 +182,4 @@ class ThoughtInjector:
             found = find_stop(text, stop)
             text = text[:found[0]] if found else text
         return ThoughtTrace(list(state.prompt_ids), list(state.token_ids), visible, thoughts, text, finish)
+
