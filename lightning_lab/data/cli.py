@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--input", required=True, help="text file, one document per line")
     pack.add_argument("--output", required=True, help="packed token file (.bin); the header goes to OUTPUT.json")
     pack.add_argument("--append-eos", type=int, choices=(0, 1), default=1, help="EOS after each line (default 1)")
+
+    tasks = commands.add_parser("discovery-tasks", help="train and held-out discovery tasks (JSONL; discover/tasks.py)")
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument("--out-train", required=True)
+    tasks.add_argument("--out-heldout", required=True)
+    tasks.add_argument("--train-per-cell", type=int, default=4, help="train tasks per (family, difficulty)")
+    tasks.add_argument("--heldout-per-cell", type=int, default=2, help="held-out tasks per (family, difficulty)")
     return parser
 
 
@@ -62,6 +69,12 @@ def main(argv: list[str]) -> int:
         directory = train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.model_type,
                                     character_coverage=args.character_coverage)
         print(f"wrote {args.model_prefix}.model and the transformers tokenizer {directory}/")
+    elif args.command == "discovery-tasks":
+        from lightning_lab.discover.tasks import SplitConfig, write_task_files
+
+        config = SplitConfig(seed=args.seed, train_per_cell=args.train_per_cell, heldout_per_cell=args.heldout_per_cell)
+        counts = write_task_files(config, args.out_train, args.out_heldout)
+        print(f"wrote {counts['train']} tasks to {args.out_train} and {counts['heldout']} to {args.out_heldout}")
     else:
         from lightning_lab.data.packed import header_path, pack
 
