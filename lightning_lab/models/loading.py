@@ -253,14 +253,15 @@ def save_model_dir(model, tokenizer, directory: str | Path) -> Path:
     return directory
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """A lab checkpoint's dictionary, unpickled with ``weights_only=True``: tensors, numbers, strings and
-    containers only, so a checkpoint from elsewhere cannot run code. Lab stages save nothing else."""
+    containers only, so a checkpoint from elsewhere cannot run code. Lab stages save nothing else.
+    `mmap`: map the tensors instead of reading them (a quick check of a large checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {path}: {'is a directory' if path.is_dir() else 'no such file'}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         forbidden = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         what = f"it would call {forbidden.group(1)}" if forbidden else "it is not a plain-weights pickle"
