@@ -1,0 +1,420 @@
+"""Baking thoughts into the weights: `lab quietstar fit | validate | predict` (a LightningCLI stage).
+
+    lab quietstar fit --config configs/quietstar/star_smollm2.yaml           # STaR on kept thought traces
+    lab quietstar fit --config configs/quietstar/quietstar_tiny.yaml         # the paper's objective
+    lab quietstar fit --config ... --ckpt_path last                          # resume after Ctrl+C
+
+Two objectives (``model.objective``):
+
+``star`` (STaR-style rationale fine-tuning). The data are traces that reached the correct answer: a
+JSONL of ``prompt`` / ``completion`` pairs whose completions hold their thoughts between the markers
+(``lab quietstar bake`` writes them). The loss is the mean cross-entropy over completion tokens, thought
+tokens and markers included, so the baked model starts its own thoughts without an injector.
+
+``quietstar`` (Zelikman et al. 2024, arXiv 2403.09629), on plain text (a .txt file of one document per
+line, or any source `load_benchmark` reads: prompt and solution joined). For each training text:
+
+1. one teacher-forced pass gives the base next-token logits and last hidden states at every position;
+2. at ``thoughts.positions`` random positions j, ``thoughts.per_position`` thoughts are sampled through
+   the sampler (``<|startofthought|>`` + ``thoughts.length`` tokens at ``thoughts.temperature`` +
+   ``<|endofthought|>``), each continuing the text up to token j;
+3. a second pass reads text[:j+1] + thought + the next ``thoughts.lookahead`` true tokens, giving the
+   post-thought logits and hidden states for those true tokens;
+4. the mixing head, a small MLP on [base hidden; post-thought hidden], gives a weight w and the mixed
+   logits base + w (post - base). Its last layer starts at zero, so at step 0 w = 0 and the mixed output is
+   the base model's exactly;
+5. reward of a thought = log-likelihood of the true lookahead tokens under the mixed logits, minus the
+   mean over the thoughts at the same position (the paper's baseline); REINFORCE on the thought tokens'
+   log-probabilities (at the sampling temperature) with that advantage, negative advantages dropped
+   (``thoughts.positive_advantages_only``, as in the reference code);
+6. loss = ``base_loss_weight`` * base LM loss + (1 - ``base_loss_weight``) * mixed LM loss on the
+   lookahead tokens + ``policy_weight`` * REINFORCE loss.
+
+The thoughts are few and short and the positions sampled, not every token as in the paper: the lab runs
+on a CPU with a tiny GPT or SmolLM2-135M. Logged per step: ``train_loss``, ``base_nll``, ``mixed_nll``,
+``policy_loss``, ``reward``, ``mixing_weight``, and ``thought_gain`` (mean over lookahead tokens of
+log p_mixed - log p_base: positive when thoughts raise the next-token likelihood); validation logs the
+same with ``val_`` (the held-out answer to "do thoughts help on held-out text?").
+
+Both objectives: ``model.lora`` set -> a LoRA adapter (the marker embeddings stay as initialised), None ->
+full fine-tuning (the default; the seed's learning rate 1e-5). Checkpoints hold the trainable weights (and
+the mixing head); the base is reloaded from ``model.model`` and the thought tokens re-added, so
+``--ckpt_path last`` resumes exactly (RNG states and the batch position included). At the end of fit the
+baked model is written to ``<run>/baked_model/`` (LoRA merged), a Hugging Face directory with the thought
+tokens in its tokenizer, that `load_causal_lm` and the A/B harness load; the quietstar objective adds
+``mixing_head.pt`` beside it. ``lab quietstar predict`` writes each prompt's answer (thoughts hidden, and
+listed) to ``<run>/predictions.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lightning_lab.data.benchmarks import Sample, load_benchmark
+from lightning_lab.data.io import DataError, JsonlWriter
+from lightning_lab.errors import UserError
+from lightning_lab.models.loading import LoadedModel, load_causal_lm, save_model_dir
+from lightning_lab.models.lora import LoraSettings, add_lora
+from lightning_lab.models.scoring import pretrained_model, score
+from lightning_lab.quietstar.injector import InjectorConfig, ThoughtInjector
+from lightning_lab.quietstar.tokens import END_THOUGHT, START_THOUGHT, add_thought_tokens
+from lightning_lab.sampling.prompts import encode_prompt
+from lightning_lab.sampling.sampler import Sampler
+from lightning_lab.training.common import run_stage_cli
+from lightning_lab.training.pretrain import warmup_cosine
+from lightning_lab.training.sft import SampleBatches, completion_text
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("star", "quietstar")
+
+
+@dataclass
+class ThoughtSampling:
+    """The quietstar objective's thoughts (module docstring, steps 2-6).
+
+    Args:
+        positions: thought positions sampled per training text per step.
+        per_position: thoughts per position; the reward's baseline is their mean (at least 2).
+        length: tokens per thought, between the markers.
+        lookahead: true tokens after the thought whose log-likelihood is the reward.
+        temperature: sampling temperature of thought tokens (their REINFORCE log-probs use it too).
+        policy_weight: weight of the REINFORCE loss.
+        base_loss_weight: weight of the base LM loss; the mixed LM loss gets 1 - this.
+        positive_advantages_only: drop negative advantages (as the reference code does).
+    """
+
+    positions: int = 4
+    per_position: int = 2
+    length: int = 4
+    lookahead: int = 4
+    temperature: float = 1.0
+    policy_weight: float = 1.0
+    base_loss_weight: float = 0.5
+    positive_advantages_only: bool = True
+
+    def __post_init__(self):
+        if self.positions < 1 or self.per_position < 2 or self.length < 1 or self.lookahead < 1:
+            raise UserError(f"model.thoughts: positions={self.positions} >= 1, per_position={self.per_position} >= 2 "
+                            f"(the baseline is their mean), length={self.length} >= 1, lookahead={self.lookahead} >= 1")
+        if self.temperature <= 0 or not 0 <= self.base_loss_weight <= 1:
+            raise UserError(f"model.thoughts: temperature={self.temperature} must be > 0, "
+                            f"base_loss_weight={self.base_loss_weight} in [0, 1]")
+
+
+def mixing_head(hidden_size: int) -> torch.nn.Sequential:
+    """[base hidden; post-thought hidden] -> one weight; the last layer is zero, so the weight starts at 0."""
+    head = torch.nn.Sequential(torch.nn.Linear(2 * hidden_size, hidden_size), torch.nn.ReLU(),
+                               torch.nn.Linear(hidden_size, 1))
+    torch.nn.init.zeros_(head[2].weight)
+    torch.nn.init.zeros_(head[2].bias)
+    return head
+
+
+def mix(head: torch.nn.Module, base_logits: torch.Tensor, post_logits: torch.Tensor, base_hidden: torch.Tensor,
+        post_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixed logits base + w (post - base), w from the head; and w. At w = 0 they are the base logits exactly."""
+    weight = head(torch.cat([base_hidden, post_hidden], dim=-1).to(head[0].weight.dtype)).float()
+    return base_logits + weight * (post_logits - base_logits), weight.squeeze(-1)
+
+
+# ---- the LightningModule ------------------------------------------------------------------------
+
+
+class QuietStarModule(L.LightningModule):
+    """Bakes thoughts into a causal LM with the star or quietstar objective (module docstring).
+
+    Args:
+        model: base model spec for `load_causal_lm` (alias, HF directory, .gguf, lab .ckpt).
+        objective: star | quietstar.
+        lora: LoRA settings; None: full fine-tuning.
+        thoughts: the quietstar objective's thought sampling and loss weights.
+        learning_rate: peak AdamW learning rate (the seed's 1e-5).
+        weight_decay: AdamW decoupled weight decay.
+        warmup_steps: linear warm-up steps, then cosine to ``min_lr_ratio * learning_rate``.
+        min_lr_ratio: where the cosine ends, at the last step.
+        max_length: longest training sequence in tokens (longer ones are cut).
+        dtype: dtype the model is loaded in (fp32 default).
+        start_token: the thought start marker.
+        end_token: the thought end marker.
+        max_new_tokens: answer length for `predict`.
+    """
+
+    def __init__(self, model: str = "smollm2-135m", objective: str = "star", lora: LoraSettings | None = None,
+                 thoughts: ThoughtSampling = ThoughtSampling(), learning_rate: float = 1e-5, weight_decay: float = 0.0,
+                 warmup_steps: int = 10, min_lr_ratio: float = 0.1, max_length: int = 512, dtype: str = "fp32",
+                 start_token: str = START_THOUGHT, end_token: str = END_THOUGHT, max_new_tokens: int = 256):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise UserError(f"model.objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
+        self.lora, self.thought_sampling = lora, thoughts
+        # plain types only in the hyper-parameters: checkpoints load with torch's weights_only
+        self.save_hyperparameters(ignore=["lora", "thoughts"])
+        self.hparams["lora"] = asdict(lora) if lora is not None else None
+        self.hparams["thoughts"] = asdict(thoughts)
+        self.model: torch.nn.Module | None = None
+        self.mixing_head: torch.nn.Module | None = None
+        self.tokenizer = self.thought_tokens = None
+        self.strict_loading = False  # frozen weights are not saved; on_load_checkpoint checks the rest
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        loaded = load_causal_lm(self.hparams.model, device="cpu", dtype=self.hparams.dtype)  # Lightning moves it
+        self.tokenizer = loaded.tokenizer
+        self.thought_tokens = add_thought_tokens(loaded.model, loaded.tokenizer, self.hparams.start_token,
+                                                 self.hparams.end_token)
+        model = add_lora(loaded.model, self.lora) if self.lora is not None else loaded.model
+        self.model = model.train()  # load_causal_lm returns eval mode; Lightning keeps whatever mode it finds
+        if self.hparams.objective == "quietstar":
+            hidden_size = pretrained_model(model).config.get_text_config().hidden_size
+            self.mixing_head = mixing_head(hidden_size)
+
+    def trainable_names(self) -> set[str]:
+        return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+
+    # ---- losses -------------------------------------------------------------------------------
+
+    def star_loss(self, samples: list[Sample], grad: bool = True) -> dict[str, torch.Tensor]:
+        """Mean cross-entropy over each trace's completion (thoughts and markers included) and EOS."""
+        prompts, completions = [], []
+        for sample in samples:
+            prompt = encode_prompt(self.tokenizer, sample.prompt)
+            completion = self.tokenizer(completion_text(sample), add_special_tokens=False)["input_ids"]
+            completion = (completion + [self.tokenizer.eos_token_id])[:max(1, self.hparams.max_length - len(prompt))]
+            prompts.append(prompt)
+            completions.append(completion)
+        nll = score(self.model, prompts, completions, grad=grad).mean_nll()
+        return {"loss": nll, "nll": nll}
+
+    def quietstar_loss(self, samples: list[Sample], grad: bool = True) -> dict[str, torch.Tensor]:
+        """The paper's objective on the texts of `samples` (module docstring, steps 1-6)."""
+        settings = self.thought_sampling
+        rows = [ids for ids in (self.text_ids(sample) for sample in samples) if len(ids) > settings.lookahead + 1]
+        if not rows:
+            raise DataError(f"samples {[s.id for s in samples]}: every text is shorter than "
+                            f"thoughts.lookahead + 2 = {settings.lookahead + 2} tokens")
+        # 1. base pass: completion index k predicts token k + 1 of the row
+        base = score(self.model, [ids[:1] for ids in rows], [ids[1:] for ids in rows], logits=True, hidden=True,
+                     grad=grad)
+        # 2. positions j (a thought after token j; true tokens j+1 .. j+lookahead) and sampled thoughts
+        places = [(row, int(j)) for row, ids in enumerate(rows)
+                  for j in torch.randperm(len(ids) - settings.lookahead)[:settings.positions]]
+        start, end = self.thought_tokens.start_id, self.thought_tokens.end_id
+        thoughts = self.sample_thoughts([rows[row][:j + 1] + [start] for row, j in places])
+        # 3. post-thought pass over text[:j+1] + thought + true lookahead tokens
+        prompts, completions, base_index = [], [], []
+        for (row, j), sampled in zip(places, thoughts):
+            for thought in sampled:
+                prompts.append(rows[row][:j + 1])
+                completions.append([start] + thought + [end] + rows[row][j + 1:j + 1 + settings.lookahead])
+                base_index.append((row, j))
+        post = score(self.model, prompts, completions, logits=True, hidden=True, grad=grad)
+        length, ahead = settings.length, settings.lookahead
+        targets = torch.tensor([c[length + 2:] for c in completions], device=post.logits.device)
+        thought_ids = torch.tensor([c[1:length + 1] for c in completions], device=post.logits.device)
+        thought_logp = torch.log_softmax(post.logits[:, 1:length + 1] / settings.temperature, dim=-1)
+        thought_logp = thought_logp.gather(-1, thought_ids[..., None]).squeeze(-1).sum(dim=1)
+        # 4. mix the base and post-thought predictions of the same true tokens
+        base_logits = torch.stack([base.logits[row, j:j + ahead] for row, j in base_index])
+        base_hidden = torch.stack([base.hidden[row, j:j + ahead] for row, j in base_index])
+        base_logp = torch.stack([base.logprobs[row, j:j + ahead] for row, j in base_index])
+        mixed, weight = mix(self.mixing_head, base_logits, post.logits[:, length + 2:],
+                            base_hidden, post.hidden[:, length + 2:])
+        mixed_logp = torch.log_softmax(mixed, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        # 5. reward over the mean thought at the same position; REINFORCE on the thought tokens
+        reward = mixed_logp.sum(dim=1).detach().view(len(places), settings.per_position)
+        advantage = reward - reward.mean(dim=1, keepdim=True)
+        if settings.positive_advantages_only:
+            advantage = advantage.clamp(min=0)
+        policy_loss = -(advantage.flatten() * thought_logp).mean()
+        # 6. the loss
+        base_nll, mixed_nll = base.mean_nll(), -mixed_logp.mean()
+        loss = (settings.base_loss_weight * base_nll + (1 - settings.base_loss_weight) * mixed_nll
+                + settings.policy_weight * policy_loss)
+        return {"loss": loss, "base_nll": base_nll, "mixed_nll": mixed_nll, "policy_loss": policy_loss,
+                "reward": reward.mean(), "mixing_weight": weight.mean(),
+                "thought_gain": (mixed_logp - base_logp).mean()}
+
+    def text_ids(self, sample: Sample) -> list[int]:
+        """The quietstar objective's text of a sample: its prompt, then its solution when it has one."""
+        completion = completion_text(sample)
+        text = sample.prompt + ("\n" + completion if completion else "")
+        return self.tokenizer(text)["input_ids"][:self.hparams.max_length]
+
+    @torch.no_grad()
+    def sample_thoughts(self, contexts: list[list[int]]) -> list[list[list[int]]]:
+        """``per_position`` thoughts of exactly ``length`` tokens after each context (which ends with the start
+        marker), sampled through the sampler at the thoughts' temperature."""
+        settings = self.thought_sampling
+        loaded = LoadedModel(self.model, self.tokenizer, self.hparams.model, self.device, self.dtype)
+        was_training = self.model.training
+        # transformers' forward, no prepacked weights: the weights change at every step
+        sampler = Sampler(loaded, pack_weights=False, llama_decoder=False, cpu_kernels=False)
+        seed = int(torch.randint(0, 2**31 - 1, ()))  # from torch's RNG, which ExactResume saves and restores
+        generation = sampler.generate(contexts, n=settings.per_position, max_new_tokens=settings.length,
+                                      temperature=settings.temperature, ignore_eos=True, seed=seed)
+        self.model.train(was_training)  # the sampler puts the model in eval mode
+        return [[completion.token_ids for completion in result.completions] for result in generation.prompts]
+
+    def losses(self, samples: list[Sample], grad: bool) -> dict[str, torch.Tensor]:
+        if self.hparams.objective == "star":
+            return self.star_loss(samples, grad)
+        return self.quietstar_loss(samples, grad)
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def training_step(self, samples: list[Sample], batch_idx: int) -> torch.Tensor:
+        values = self.losses(samples, grad=True)
+        name = {"loss": "train_loss"}
+        self.log_dict({name.get(k, k): v.detach() for k, v in values.items()}, prog_bar=False, batch_size=len(samples))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(samples))
+        return values["loss"]
+
+    def validation_step(self, samples: list[Sample], batch_idx: int) -> None:
+        values = self.losses(samples, grad=False)
+        self.log_dict({f"val_{k}": v for k, v in values.items()}, batch_size=len(samples), prog_bar=True)
+
+    def predict_step(self, samples: list[Sample], batch_idx: int) -> list[dict]:
+        """Each sample's answer from the baked model, thoughts hidden in the text and listed beside it."""
+        loaded = LoadedModel(self.model, self.tokenizer, self.hparams.model, self.device, self.dtype)
+        injector = ThoughtInjector(Sampler(loaded), self.thought_tokens, InjectorConfig(thought_probability=0.0))
+        rows = []
+        for sample in samples:
+            trace = injector.generate(sample.prompt, max_new_tokens=self.hparams.max_new_tokens, greedy=True)
+            rows.append({"id": sample.id, "prompt": sample.prompt, "text": trace.text, "reference": sample.reference,
+                         "thoughts": [{"position": t.position, "text": t.text} for t in trace.thoughts]})
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        path = Path(self.trainer.default_root_dir) / "predictions.jsonl"
+        with JsonlWriter(path) as writer:
+            for batch in self.trainer.predict_loop.predictions:
+                for row in batch:
+                    writer.write(row)
+        log.info("predictions written to %s", path)
+
+    # ---- optimisation, checkpoints, the baked model ---------------------------------------------
+
+    def configure_optimizers(self):
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
+            step, self.hparams.warmup_steps, int(max_steps), self.hparams.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("model", "objective", "lora"):
+            if key in saved and saved[key] != self.hparams[key]:
+                raise UserError(f"checkpoint was trained with model.{key}={saved[key]!r}, this run has "
+                                f"{self.hparams[key]!r}; resume with the same settings")
+        self.configure_model()  # also reached from load_from_checkpoint, which does not call configure_model
+        if set(checkpoint["state_dict"]) != self.trainable_names():
+            raise UserError("checkpoint weights do not match this model's trainable weights: same model.model, "
+                            "model.objective and model.lora?")
+
+    def baked_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir) / "baked_model"
+
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        model = self.model
+        if self.lora is not None:  # merged into a copy: the module keeps its adapter for a later resume
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        out = self.baked_dir()
+        if out.exists():  # a resumed run bakes again: keep the earlier bake beside it, overwrite nothing
+            out = out.with_name(f"baked_model-step{self.trainer.global_step:07d}")
+        save_model_dir(model, self.tokenizer, out)
+        if self.mixing_head is not None:
+            torch.save(self.mixing_head.state_dict(), out / "mixing_head.pt")
+        log.info("baked model saved to %s", out)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def read_texts(path: str) -> list[Sample]:
+    """A .txt file's non-empty lines as samples (the text is the prompt), or anything `load_benchmark` reads."""
+    source = Path(path)
+    if source.suffix != ".txt":
+        return load_benchmark(path, split="all")
+    if not source.is_file():
+        raise DataError(f"{source}: no such file")
+    lines = source.read_text(encoding="utf-8").splitlines()
+    return [Sample(f"{source.stem}-{number}", line, "") for number, line in enumerate(lines, 1) if line.strip()]
+
+
+class BakeDataModule(L.LightningDataModule):
+    """Batches of `Sample`s for baking: thought traces (star) or texts (quietstar); resumable mid-epoch.
+
+    Args:
+        train_path: star: a JSONL of prompt/completion traces; quietstar: a .txt of one text per line, or any
+            source `load_benchmark` reads (the text is the prompt and its solution).
+        val_path: held-out data of the same kind (None: no validation).
+        train_limit: use only the first this many training samples.
+        val_limit: use only the first this many validation samples.
+        batch_size: samples per training batch.
+        val_batch_size: samples per validation batch (default: batch_size).
+        predict_path: prompts for `predict` (default: val_path).
+        seed: the shuffle order of each epoch.
+    """
+
+    def __init__(self, train_path: str | None = None, val_path: str | None = None, train_limit: int | None = None,
+                 val_limit: int | None = 64, batch_size: int = 4, val_batch_size: int | None = None,
+                 predict_path: str | None = None, seed: int = 0):
+        super().__init__()
+        self.train_path, self.val_path, self.predict_path = train_path, val_path, predict_path
+        self.train_limit, self.val_limit = train_limit, val_limit
+        self.batch_size, self.val_batch_size, self.seed = batch_size, val_batch_size or batch_size, seed
+        self.train_samples: list[Sample] = []
+        self.val_samples: list[Sample] = []
+        self.predict_samples: list[Sample] = []
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise UserError(f"--trainer.devices: {self.trainer.world_size} processes; baking runs on one device")
+        if self.val_path:
+            self.val_samples = read_texts(self.val_path)[:self.val_limit]
+        if stage == "fit":
+            if not self.train_path:
+                raise UserError("data.train_path: needed for fit (traces for star, texts for quietstar)")
+            self.train_samples = read_texts(self.train_path)[:self.train_limit]
+            if not self.train_samples:
+                raise DataError(f"{self.train_path}: no training samples")
+        if stage == "predict":
+            path = self.predict_path or self.val_path
+            if not path:
+                raise UserError("data.predict_path (or data.val_path): needed for predict")
+            self.predict_samples = read_texts(path)[:self.val_limit]
+
+    def train_dataloader(self) -> SampleBatches:
+        return SampleBatches(self.train_samples, self.batch_size, shuffle=True, seed=self.seed)
+
+    def val_dataloader(self) -> SampleBatches | list:
+        return SampleBatches(self.val_samples, self.val_batch_size, shuffle=False) if self.val_samples else []
+
+    def predict_dataloader(self) -> SampleBatches:
+        return SampleBatches(self.predict_samples, self.val_batch_size, shuffle=False)
+
+
+REQUIRED_ARTIFACTS = ("config.yaml", "checkpoints/last.ckpt", "metrics.jsonl", "baked_model/config.json")
+
+
+def fit_main(argv: list[str]):
+    """`lab quietstar fit|validate|predict ...`: the LightningCLI stage (returns the LabCLI)."""
+    return run_stage_cli(QuietStarModule, BakeDataModule, "quietstar", argv, required_artifacts=REQUIRED_ARTIFACTS)
