@@ -215,7 +215,7 @@ def test_calibration_pairs_name_the_line_of_an_empty_completion(tmp_path):
 
     good = tmp_path / "calibration.jsonl"
     good.write_text('{"prompt": "2 + 3?", "completion": "5"}\n{"question": "1 + 1?", "answer": "2"}\n')
-    assert calibration_pairs(good) == [("2 + 3?", "5"), ("1 + 1?", "2")]
+    assert calibration_pairs(good) == [("calibration-1", "2 + 3?", "5"), ("calibration-2", "1 + 1?", "2")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "2 + 3?", "completion": "5"}\n{"prompt": "1 + 1?", "completion": ""}\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: empty or missing reference 'completion'"):
@@ -226,4 +226,4 @@ def test_calibration_pairs_name_the_line_of_an_empty_completion(tmp_path):
         calibration_pairs(tsv)
     gsm8k = tmp_path / "gsm8k.jsonl"
     gsm8k.write_text('{"question": "1 + 1?", "answer": "One and one.\\n#### 2"}\n')
-    assert calibration_pairs(gsm8k) == [("1 + 1?", "One and one.\n#### 2")]
+    assert calibration_pairs(gsm8k) == [("gsm8k-1", "1 + 1?", "One and one.\n#### 2")]

@@ -115,8 +115,9 @@ def load_heads(path: str | os.PathLike, model: str | None = None, num_layers: in
 
 
 
-def calibration_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs of a JSONL or TSV calibration file (`data.benchmarks.read_samples`: an empty
+def calibration_pairs(path: str | os.PathLike) -> list[tuple[str, str, str]]:
+    """(id, prompt, completion) of each pair of a JSONL or TSV calibration file (`data.benchmarks.read_samples`: an empty
     prompt or completion is a `DataError` naming file:line). A GSM8K or MATH record's completion is its full
     solution, any other record's its completion/reference/target/answer."""
-    return [(sample.prompt, sample.metadata.get("solution", sample.reference)) for sample in read_samples(path)]
+    return [(sample.id, sample.prompt, sample.metadata.get("solution", sample.reference))
+            for sample in read_samples(path)]
