@@ -58,7 +58,8 @@ from lightning_lab.data.corpus import CorpusConfig, write_corpus  # noqa: E402
 from lightning_lab.data.packed import PackedDataModule, pack  # noqa: E402
 from lightning_lab.data.tokenizer import train_tokenizer  # noqa: E402
 from lightning_lab.models.gpt import LabGPTForCausalLM  # noqa: E402
-from lightning_lab.training.pretrain import PretrainModule, build_model_config, warmup_cosine  # noqa: E402
+from lightning_lab.training.common import cosine_schedule  # noqa: E402
+from lightning_lab.training.pretrain import PretrainModule, build_model_config  # noqa: E402
 
 MODELS = ROOT / "configs" / "model"
 BASE_CONFIG = ROOT / "configs" / "pretrain" / "tiny.yaml"
@@ -155,7 +156,7 @@ def plain_run(model_yaml: Path, data: dict, batch: int, steps: int, precision: s
                                   batch_size=batch)
     model = LabGPTForCausalLM(build_model_config(str(model_yaml), datamodule.tokenizer)).to(device()).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, 100, 2000, 0.1))
+    schedule = cosine_schedule(optimizer, 100, 2000, 0.1)
     use_bf16 = precision == "bf16-mixed"
     times = []
     for step, (input_ids, labels) in enumerate(datamodule.train_dataloader()):

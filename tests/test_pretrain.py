@@ -17,7 +17,7 @@ import yaml
 from lightning_lab.data.corpus import CorpusConfig, write_corpus
 from lightning_lab.data.packed import pack
 from lightning_lab.data.tokenizer import train_tokenizer
-from lightning_lab.training.pretrain import PretrainModule, main, warmup_cosine
+from lightning_lab.training.pretrain import PretrainModule, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MICRO_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -48,14 +48,6 @@ def fit_args(data, run_root: Path, name: str, *extra: str) -> list[str]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def test_warmup_cosine_schedule():
-    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
-    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
-    assert warmup_cosine(500, 10, 100, 0.1) == pytest.approx(0.1)
 
 
 def test_gpt_tiny_learns(data, tmp_path):
@@ -186,6 +178,21 @@ def test_export_round_trip(data, tmp_path, monkeypatch):
         torch.testing.assert_close(from_directory.model(input_ids).logits, expected, atol=0, rtol=0)
         torch.testing.assert_close(auto(input_ids).logits, expected, atol=0, rtol=0)
     assert auto.generation_config.eos_token_id == from_directory.tokenizer.eos_token_id
+
+    # predict: greedy continuations of a prompt file, as the sampler continues them from the checkpoint
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Q: what is 2 plus 3? A:\n\nthe cat\n")
+    predict = ["predict", *fit_args(data, tmp_path, "export", "--model.model_config", str(data["micro"]),
+                                    "--data.seq_len", "32", "--data.batch_size", "4")[1:],
+               "--ckpt_path", "last", "--data.prompts", str(prompts), "--model.predict.max_new_tokens", "5"]
+    main(predict)
+    lines = read_jsonl(tmp_path / "pretrain" / "export" / "predictions.jsonl")
+    assert lines[0]["header"]["prompts"] == str(prompts)
+    assert [(line["id"], line["prompt"]) for line in lines[1:]] == [("prompts-1", prompt), ("prompts-3", "the cat")]
+    from lightning_lab.sampling.sampler import Sampler
+
+    expected = Sampler(from_checkpoint).generate([prompt, "the cat"], max_new_tokens=5, greedy=True, chat=False)
+    assert [line["completions"][0]["text"] for line in lines[1:]] == [c[0].text for c in expected.completions]
 
     # the run keeps its own tokenizer copy: the checkpoint loads from another directory, even once the
     # tokenizer it was trained with is gone

@@ -144,6 +144,17 @@ def test_rl_step_on_the_lab_gpt_with_mhc(tiny_lab_gpt_dir, task, tmp_path):
     assert len(steps) == 2 and steps[-1]["train_kl"] > 0
     assert (task["root"] / "rl" / "gpt" / "adapters" / "final" / "adapter_model.safetensors").is_file()
 
+    # predict: sampled generations of the checkpoint, each with its reward
+    predict = ["rl", "predict", *argv[2:], "--ckpt_path", "last", "--data.predict_split", "all",
+               "--model.predict.n", "3", "--model.predict.greedy", "false", "--model.predict.max_new_tokens", "4"]
+    assert lab_main(predict) == 0
+    lines = [json.loads(line) for line in (task["root"] / "rl" / "gpt" / "predictions.jsonl").read_text().splitlines()]
+    assert "header" in lines[0] and [line["id"] for line in lines[1:]] == [record["id"] for record in PROMPTS]
+    reward = load_reward("toy_rewards:contains_digit")
+    for line in lines[1:]:
+        assert len(line["completions"]) == 3
+        assert all(c["reward"] == reward(None, c["text"]) and 1 <= c["num_tokens"] <= 4 for c in line["completions"])
+
 
 def test_resume_from_a_mid_run_checkpoint_equals_an_uninterrupted_run(expressive_tiny_dir, task):
     # two updates per batch, so the clipped ratio is exercised; 4 optimizer steps = 2 batches

@@ -12,11 +12,14 @@ from safetensors.torch import load_file
 
 from lightning_lab.cli import main as lab_main
 from lightning_lab.data.benchmarks import Sample, load_benchmark
+from lightning_lab.data.io import DataError
+from lightning_lab.errors import UserError
 from lightning_lab.sampling.sampler import Sampler
 from lightning_lab.models.loading import load_causal_lm
 from lightning_lab.models.lora import adapter_base_spec, load_adapter
-from lightning_lab.training.sft import (IGNORE_INDEX, SampleBatches, SampleDataModule, completion_text, encode_prompt,
-                                        sft_batch)
+from lightning_lab.sampling.prompts import encode_prompt
+from lightning_lab.training.common import SampleBatches, SampleDataModule
+from lightning_lab.training.sft import completion_text, sft_example
 
 PAIRS = [
     {"id": "a", "prompt": "What is 2 + 3?", "completion": "It is 5."},
@@ -49,18 +52,17 @@ def test_prompts_are_tokenized_as_the_sampler_tokenizes_them(tiny_llama_dir):
     assert encode_prompt(loaded.tokenizer, "What is 2 + 3?") == sampler.encode("What is 2 + 3?")
 
 
-def test_batch_masks_prompt_and_padding(tiny_llama_dir):
+def test_example_is_the_sampler_prompt_then_the_completion_and_eos(tiny_llama_dir):
     tokenizer = load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32").tokenizer
-    samples = [Sample(p["id"], p["prompt"], p["completion"]) for p in PAIRS[:2]]
-    batch = sft_batch(tokenizer, samples, max_length=512)
-    for row, sample in enumerate(samples):
-        n_prompt = len(encode_prompt(tokenizer, sample.prompt))
-        n_total = int(batch["attention_mask"][row].sum())
-        labels = batch["labels"][row]
-        assert (labels[:n_prompt] == IGNORE_INDEX).all() and (labels[n_total:] == IGNORE_INDEX).all()
-        learned = labels[n_prompt:n_total].tolist()
-        assert learned[-1] == tokenizer.eos_token_id
-        assert tokenizer.decode(learned[:-1]) == sample.reference
+    for pair in PAIRS[:2]:
+        sample = Sample(pair["id"], pair["prompt"], pair["completion"])
+        prompt_ids, completion_ids = sft_example(tokenizer, sample, max_length=512)
+        assert prompt_ids == encode_prompt(tokenizer, sample.prompt)
+        assert completion_ids[-1] == tokenizer.eos_token_id and tokenizer.decode(completion_ids[:-1]) == sample.reference
+        cut_prompt, cut = sft_example(tokenizer, sample, max_length=len(prompt_ids) + 2)
+        assert cut_prompt == prompt_ids and cut == completion_ids[:2]  # cut to max_length, prompt kept whole
+    with pytest.raises(DataError, match="model.max_length=3"):
+        sft_example(tokenizer, sample, max_length=3)
 
 
 def test_training_data_never_contains_the_dev_half(tmp_path):
@@ -76,9 +78,18 @@ def test_training_data_never_contains_the_dev_half(tmp_path):
     first = data.train_samples[0]
     assert completion_text(first) == first.metadata["solution"] and completion_text(first).endswith(f"#### {first.reference}")
 
-    # several DDP processes would each train on the same samples: refused, naming the flag
-    data.trainer = SimpleNamespace(world_size=2)
-    with pytest.raises(ValueError, match=r"--trainer.devices: 2 processes.*--trainer.devices 1"):
+    # two DDP ranks: each trains on its half of every global batch of 2 x 4 (the 2 samples left over are
+    # not trained on in this epoch) and validates on its share of the 3 validation samples
+    shares, validated = [], []
+    for rank in (0, 1):
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        data.setup("fit")
+        shares.append([sample.id for batch in data.train_dataloader() for sample in batch])
+        validated += [sample.id for batch in data.val_dataloader() for sample in batch]
+    assert len(shares[0]) == len(shares[1]) == 4 and not set(shares[0]) & set(shares[1])
+    assert sorted(validated) == sorted(sample.id for sample in data.val_samples)
+    data.batch_size = 6  # 10 samples cannot fill one global batch of 2 x 6
+    with pytest.raises(DataError, match="data.batch_size=6 x 2 processes"):
         data.setup("fit")
 
 
@@ -94,6 +105,9 @@ def test_batches_resume_where_they_stopped():
     resumed.load_state_dict(interrupted.state_dict())
     got += [ids(batch) for batch in resumed] + [ids(batch) for batch in resumed]
     assert got == expected and expected[:3] != expected[3:]  # resumed mid-epoch; epochs differ in order
+    on_two_ranks = SampleBatches(samples, batch_size=2, shuffle=True, seed=1, world_size=2)
+    with pytest.raises(UserError, match="trained on 1 processes, this run has 2"):
+        on_two_ranks.load_state_dict(interrupted.state_dict())
 
 
 def test_sft_loss_falls_and_merged_model_equals_adapter(tiny_llama_dir, tmp_path):
@@ -124,6 +138,21 @@ def test_sft_loss_falls_and_merged_model_equals_adapter(tiny_llama_dir, tmp_path
         base = load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32").model(ids).logits
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
     assert (adapted - base).abs().max() > 1e-2  # the adapter did change the model
+
+    # predict: the checkpoint's greedy generations through the sampler, as JSONL; the saved adapter gives the same
+    predict = ["sft", "predict", *sft_argv(tiny_llama_dir, data, tmp_path / "runs", "memorise")[2:],
+               "--data.predict_split", "all", "--model.predict.max_new_tokens", "6"]
+    assert lab_main([*predict, "--ckpt_path", "last"]) == 0
+    lines = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert lines[0]["header"]["ckpt_path"].endswith("last.ckpt") and lines[0]["header"]["predict"]["greedy"]
+    assert [line["id"] for line in lines[1:]] == [pair["id"] for pair in PAIRS]
+    expected = Sampler(load_adapter(adapter, device="cpu", dtype="fp32")).generate(
+        [pair["prompt"] for pair in PAIRS], max_new_tokens=6, greedy=True)
+    assert [line["completions"][0]["text"] for line in lines[1:]] == [c[0].text for c in expected.completions]
+    assert lab_main([*predict, "--ckpt_path", "last"]) == 2  # an existing predictions file is never overwritten
+    assert lab_main([*predict, "--model.adapter", str(adapter), "--model.predict.output", "from_adapter.jsonl"]) == 0
+    from_adapter = [json.loads(line) for line in (run_dir / "from_adapter.jsonl").read_text().splitlines()]
+    assert [line["completions"] for line in from_adapter[1:]] == [line["completions"] for line in lines[1:]]
 
 
 def test_resume_from_a_mid_run_checkpoint_equals_an_uninterrupted_run(tiny_llama_dir, tmp_path):

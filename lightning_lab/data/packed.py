@@ -42,6 +42,8 @@ another seed, batch size, sequence length or train file is an error, since batch
 different data.
 
 Validation uses the first ``val_batches`` batches of the val file in file order (all when None).
+``lab pretrain predict`` continues the prompts of ``prompts`` (a text file, one prompt per non-blank
+line, id ``<file stem>-<line number>``), ``batch_size`` at a time.
 
 Several processes (DDP, ``--trainer.devices 2``). ``batch_size`` is per process, as everywhere in
 Lightning: stream batch b is a global batch of ``world_size * batch_size`` windows, and rank r trains
@@ -277,11 +279,12 @@ class PackedDataModule(L.LightningDataModule):
     """
 
     def __init__(self, train_path: str, val_path: str, tokenizer: str, seq_len: int = 256, batch_size: int = 8,
-                 seed: int = 0, num_workers: int = 0, val_batches: int | None = None):
+                 seed: int = 0, num_workers: int = 0, val_batches: int | None = None, prompts: str | None = None):
         super().__init__()
         self.train_path, self.val_path, self.tokenizer_path = train_path, val_path, tokenizer
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.num_workers, self.val_batches = num_workers, val_batches
+        self.prompts = prompts
         # Check everything now, so a wrong path or tokenizer fails before a model is built.
         self.tokenizer = load_tokenizer(tokenizer)
         self.vocab_size = len(self.tokenizer)
@@ -322,6 +325,15 @@ class PackedDataModule(L.LightningDataModule):
         if self.val_batches is not None:
             dataset = Subset(dataset, range(min(len(dataset), self.val_batches * self.batch_size)))
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of (id, prompt) from the `prompts` file."""
+        if self.prompts is None or not Path(self.prompts).is_file():
+            raise DataError(f"data.prompts={self.prompts}: predict needs a text file of prompts, one per line")
+        path = Path(self.prompts)
+        lines = [(f"{path.stem}-{number}", line)
+                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()]
+        return DataLoader(lines, batch_size=self.batch_size, collate_fn=list)  # batches: lists of (id, prompt)
 
     def _order_settings(self) -> dict:
         """What fixes the data behind stream batch b; a resumed run must match it."""

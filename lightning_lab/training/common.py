@@ -10,16 +10,25 @@
     _run_tracker/          heartbeat.json, events.jsonl, artifacts.json (read by `lab status`)
 
 `--run.name` defaults to the config file's stem; `--run.root` to ``runs``.
+
+Also here, shared by the SFT and RL stages (and every stage that trains a LoRA adapter on `Sample`s):
+`SampleDataModule` / `SampleBatches` (batches of samples, sharded across DDP ranks, with exact resume) and
+`LoraModule` (loading, small checkpoints, the optimizer and schedule, the adapter written at the end,
+``predict``).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 import re
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from jsonargparse import ArgumentError
@@ -31,9 +40,14 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from lightning_lab.callbacks.pause import GracefulPause
 from lightning_lab.callbacks.tracker import RunTracker
-from lightning_lab.data.io import JsonlWriter, read_jsonl, read_yaml_or_json
+from lightning_lab.data.benchmarks import Sample, load_benchmark
+from lightning_lab.data.io import DataError, JsonlWriter, read_jsonl, read_yaml_or_json
 from lightning_lab.errors import UserError, check_input_file, check_writable_dir
-from lightning_lab.models.loading import load_checkpoint
+from lightning_lab.models.loading import LoadedModel, load_causal_lm, load_checkpoint
+from lightning_lab.models.lora import LoraSettings, add_lora, save_adapter
+from lightning_lab.sampling.sampler import Sampler
+
+log = logging.getLogger(__name__)
 
 
 class MetricsJsonl(Callback):
@@ -288,3 +302,320 @@ def run_stage_cli(model_class, datamodule_class, stage: str, argv: list[str],
         raise UserError(argument_message(error)) from error
     except MisconfigurationException as error:
         raise UserError(str(error)) from error
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, min_lr_ratio: float):
+    """transformers' linear warm-up (from 0) then cosine to ``min_lr_ratio`` x the peak at `max_steps`, stepped
+    every optimizer step; its state (the step) is in every checkpoint, so a resumed run continues the curve."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, max_steps, min_lr_rate=min_lr_ratio)
+
+
+# ---- batches of samples, sharded across DDP ranks ----------------------------------------------------
+# torchdata's StatefulDataLoader would save a DataLoader's position, but torchdata is not a dependency of the
+# lab; these batches are plain lists of `Sample`s (the module tokenizes), so a small stateful iterable does it.
+
+
+class SampleBatches:
+    """Lists of `Sample`s in an order fixed by (seed, epoch), sharded across DDP ranks; resumable mid-epoch.
+
+    Every rank draws the same permutation of the samples for an epoch and cuts it into global batches of
+    ``world_size * batch_size``; rank r trains on samples r, r + world_size, ... of each global batch, so the
+    ranks see disjoint samples and together what one process with a world_size times larger batch would.
+    One process keeps a last, shorter batch; several keep only full global batches (every rank must take
+    the same number of steps of the same size), so up to ``world_size * batch_size - 1`` samples of an
+    epoch are left out there.
+
+    Lightning saves ``state_dict()`` (epoch, batches already given) in the checkpoint and calls
+    ``load_state_dict()`` on resume, so a resumed run continues with the batch an uninterrupted
+    run would have seen next (a plain DataLoader would restart the epoch). It has a length, so
+    Lightning does not prefetch and the position counts exactly the batches trained on.
+    """
+
+    def __init__(self, samples: list[Sample], batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.samples = samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.position = 0  # batches of this epoch already given
+
+    def __len__(self) -> int:
+        if self.world_size == 1:
+            return math.ceil(len(self.samples) / self.batch_size)
+        return len(self.samples) // (self.batch_size * self.world_size)
+
+    def __iter__(self):
+        if self.position >= len(self):  # the previous epoch was used up: start the next one
+            self.epoch += 1
+            self.position = 0
+        order = list(range(len(self.samples)))
+        if self.shuffle:
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        size = self.batch_size * self.world_size
+        while self.position < len(self):
+            start = self.position * size
+            self.position += 1
+            yield [self.samples[i] for i in order[start:start + size][self.rank::self.world_size]]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise UserError(f"--trainer.devices: the checkpoint was trained on {saved_world} processes, this run has "
+                            f"{self.world_size}; its batch order cannot continue (resume with {saved_world})")
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+class SampleDataModule(L.LightningDataModule):
+    """Batches of `Sample`s from one source; the LightningModule tokenizes (it owns the tokenizer).
+
+    Args:
+        path: anything `load_benchmark` accepts: a .jsonl / .tsv path, ``gsm8k``, ``humaneval``.
+        train_split: the split to train on, minus every sample of `val_split` (see training/sft.py).
+            For a local file ``all`` (= the file minus its dev half); for ``gsm8k`` ``train``.
+        val_split: the held-out split validated on (``dev``); None: no validation, nothing held out.
+        train_limit: train on only the first this many training samples (file order).
+        val_limit: validate on this many samples of `val_split`, chosen by `seed` (load_benchmark's limit).
+        predict_split: the split `lab <stage> predict` decodes (``dev``; ``all`` for every line of a file).
+        predict_limit: decode only this many samples of `predict_split`, chosen by `seed`.
+        batch_size: samples (prompts) per training batch, per process.
+        val_batch_size: samples per validation / predict batch (default: batch_size).
+        seed: the shuffle order of each epoch and the choice of the `val_limit` samples.
+
+    Under DDP (``--trainer.devices N``) each rank trains on its share of every global batch (`SampleBatches`)
+    and validates on every N-th validation sample; the stages' validation metrics are torchmetrics, which
+    add up the ranks' shares.
+    """
+
+    def __init__(self, path: str, train_split: str = "all", val_split: str | None = "dev",
+                 train_limit: int | None = None, val_limit: int | None = 200, predict_split: str = "dev",
+                 predict_limit: int | None = None, batch_size: int = 8, val_batch_size: int | None = None,
+                 seed: int = 0):
+        super().__init__()
+        self.path = path
+        self.train_split = train_split
+        self.val_split = val_split
+        self.train_limit = train_limit
+        self.val_limit = val_limit
+        self.predict_split = predict_split
+        self.predict_limit = predict_limit
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.seed = seed
+        self.train_samples: list[Sample] = []
+        self.val_samples: list[Sample] = []
+        self.predict_samples: list[Sample] = []
+
+    @property
+    def rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def setup(self, stage: str) -> None:
+        rank, world = self.rank_and_world
+        if stage == "predict":
+            self.predict_samples = load_benchmark(self.path, split=self.predict_split, limit=self.predict_limit,
+                                                  seed=self.seed)
+            return
+        if self.val_split is not None:
+            self.val_samples = load_benchmark(self.path, split=self.val_split, limit=self.val_limit, seed=self.seed)
+            if len(self.val_samples) < world:
+                raise DataError(f"{self.path}: {len(self.val_samples)} validation samples for {world} processes; "
+                                f"every rank needs one (raise data.val_limit or lower --trainer.devices)")
+        if stage != "fit":
+            return
+        held_out = {s.id for s in load_benchmark(self.path, split=self.val_split)} if self.val_split else set()
+        candidates = load_benchmark(self.path, split=self.train_split)
+        self.train_samples = [sample for sample in candidates if sample.id not in held_out]
+        if self.train_limit is not None:
+            self.train_samples = self.train_samples[: self.train_limit]
+        if not self.train_samples:
+            raise DataError(f"{self.path}: no training samples left in split {self.train_split!r} "
+                            f"after holding out split {self.val_split!r}")
+        if world > 1 and len(self.train_samples) < self.batch_size * world:
+            raise DataError(f"{self.path}: {len(self.train_samples)} training samples, fewer than one global batch "
+                            f"of data.batch_size={self.batch_size} x {world} processes")
+        log.info("%s: %d training samples (split %r minus %d held out in %r), %d validation samples", self.path,
+                 len(self.train_samples), self.train_split, len(held_out), self.val_split, len(self.val_samples))
+
+    def train_dataloader(self) -> SampleBatches:
+        rank, world = self.rank_and_world
+        return SampleBatches(self.train_samples, self.batch_size, shuffle=True, seed=self.seed, rank=rank,
+                             world_size=world)
+
+    def val_dataloader(self) -> SampleBatches | list:
+        if not self.val_samples:
+            return []
+        rank, world = self.rank_and_world
+        return SampleBatches(self.val_samples[rank::world], self.val_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> SampleBatches:
+        return SampleBatches(self.predict_samples, self.val_batch_size, shuffle=False)
+
+
+# ---- the LoRA module shared by SFT and RL --------------------------------------------------------------
+
+
+@dataclass
+class PredictSettings:
+    """How `lab sft|rl predict` decodes the prompts of ``data.predict_split`` (through the lab `Sampler`).
+
+    Args:
+        n: completions per prompt.
+        max_new_tokens: longest completion.
+        greedy: argmax decoding (default); False samples at `temperature` / `top_p`.
+        temperature: sampling temperature (greedy=False).
+        top_p: nucleus sampling (greedy=False; 1.0 = off).
+        seed: the sampling seed.
+        output: the JSONL file, inside the run directory; an existing file is never overwritten.
+    """
+
+    n: int = 1
+    max_new_tokens: int = 256
+    greedy: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    output: str = "predictions.jsonl"
+
+
+def predictions_path(trainer, settings: PredictSettings) -> Path:
+    """``<run>/<settings.output>``, checked in a stage's ``setup("predict")``, before the model loads: predict
+    runs in one process and never overwrites a file."""
+    path = Path(trainer.default_root_dir) / settings.output
+    if trainer.world_size > 1:
+        raise UserError(f"--trainer.devices: predict writes one JSONL file from one process, not "
+                        f"{trainer.world_size}; run it with --trainer.devices 1")
+    if path.exists():
+        raise UserError(f"{path} exists and is never overwritten; pass another --model.predict.output or --run.name")
+    return path
+
+
+def completion_records(result) -> list[dict]:
+    """The completions of one sampler `PromptResult` as they go into a predictions file."""
+    return [{"text": c.text, "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids)}
+            for c in result.completions]
+
+
+class LoraModule(L.LightningModule):
+    """A causal LM with a LoRA adapter whose checkpoints hold only the adapter (see training/sft.py).
+
+    Subclasses (`SFTModule`, `RLModule`) add the training and validation steps; this class owns loading,
+    the optimizer and schedule, the small checkpoints, exact resume, saving the adapter at the end of fit,
+    and ``predict``: the generations of the model (a checkpoint via ``--ckpt_path``, or an adapter
+    directory via ``--model.adapter``) on the prompts of ``data.predict_split``, written to
+    ``<run>/<predict.output>``: a first line ``{"header": {...}}`` (model, adapter, checkpoint, decoding
+    settings), then one line per prompt ``{"id", "prompt", "reference", "completions": [{"text",
+    "finish_reason", "num_tokens"}]}`` (`predict_record`; RL adds each completion's reward).
+    """
+
+    def __init__(self, model: str, lora: LoraSettings, learning_rate: float, weight_decay: float,
+                 warmup_steps: int, min_lr_ratio: float, dtype: str, adapter_name: str,
+                 adapter: str | None = None, predict: PredictSettings = PredictSettings()):
+        super().__init__()
+        self.lora = lora
+        self.predict_settings = predict
+        # plain types only in the hyper-parameters: checkpoints load with torch's weights_only. The predict
+        # settings stay out: LightningCLI lets a --ckpt_path's hyper-parameters override the command line.
+        self.save_hyperparameters(ignore=["lora", "predict"])
+        self.hparams["lora"] = asdict(self.lora)
+        if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"model.adapter={adapter}: not a peft adapter directory (no adapter_config.json)")
+        self.model: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.strict_loading = False  # only LoRA weights are saved; on_load_checkpoint checks them
+        self.predictions: JsonlWriter | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        loaded = load_causal_lm(self.hparams.model, device="cpu", dtype=self.hparams.dtype)  # Lightning moves it
+        self.tokenizer = loaded.tokenizer
+        if self.hparams.adapter is None:
+            self.model = add_lora(loaded.model, self.lora)
+        else:  # a saved adapter (its own rank and targets) to train further or to predict with
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(loaded.model, self.hparams.adapter, is_trainable=True)
+        self.model.train()  # load_causal_lm returns eval mode; Lightning keeps whatever mode it finds
+
+    def trainable_names(self) -> set[str]:
+        return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+
+    def sampler(self) -> Sampler:
+        """The lab sampler over the current policy (adapter on), decoding through the peft model."""
+        return Sampler(LoadedModel(self.model, self.tokenizer, self.hparams.model, self.device,
+                                   next(self.model.parameters()).dtype))
+
+    # ---- optimisation --------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        schedule = cosine_schedule(optimizer, self.hparams.warmup_steps, int(max_steps), self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- small checkpoints, exact resume -------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved_model = checkpoint.get("hyper_parameters", {}).get("model")
+        if saved_model is not None and saved_model != self.hparams.model:
+            raise UserError(f"checkpoint was trained on model.model={saved_model!r}, this run has "
+                            f"{self.hparams.model!r}; resume with the same base model")
+        self.configure_model()  # also reached from load_from_checkpoint, which does not call configure_model
+        saved, expected = set(checkpoint["state_dict"]), self.trainable_names()
+        if saved != expected:
+            example = sorted(saved ^ expected)[:3]
+            raise UserError(f"checkpoint LoRA weights do not match this model's ({len(saved)} saved, "
+                            f"{len(expected)} expected; e.g. {example}): same model.model and model.lora?")
+
+    def adapter_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir) / "adapters" / self.hparams.adapter_name
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = save_adapter(self.model, self.tokenizer, self.adapter_dir(), base_spec=self.hparams.model)
+            log.info("adapter saved to %s", path)
+
+    # ---- predict: generations as JSONL ---------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            predictions_path(self.trainer, self.predict_settings)
+
+    def on_predict_start(self) -> None:
+        self.predictions = JsonlWriter(predictions_path(self.trainer, self.predict_settings))
+        self.predictions.write({"header": {
+            "stage": type(self).__name__, "model": self.hparams.model, "adapter": self.hparams.adapter,
+            "ckpt_path": self.trainer.ckpt_path, "predict": asdict(self.predict_settings), "time": time.time()}})
+
+    def predict_step(self, samples: list[Sample], batch_idx: int) -> None:
+        settings = self.predict_settings
+        generation = self.sampler().generate(
+            [sample.prompt for sample in samples], n=settings.n, max_new_tokens=settings.max_new_tokens,
+            greedy=settings.greedy, temperature=settings.temperature, top_p=settings.top_p,
+            seed=settings.seed + batch_idx, batch_size=len(samples))
+        for sample, result in zip(samples, generation.prompts):
+            self.predictions.write(self.predict_record(sample, result))
+
+    def predict_record(self, sample: Sample, result) -> dict:
+        """One prompt's line of the predictions file (a `PromptResult` of the sampler)."""
+        return {"id": sample.id, "prompt": sample.prompt, "reference": sample.reference,
+                "completions": completion_records(result)}
+
+    def on_predict_end(self) -> None:
+        if self.predictions is not None:
+            self.predictions.close()
+            log.info("predictions written to %s", self.predictions.path)
+            self.predictions = None

@@ -3,14 +3,15 @@
     lab pretrain fit --config configs/pretrain/tiny.yaml
     lab pretrain fit --config configs/pretrain/tiny.yaml --ckpt_path last      # resume
     lab pretrain validate --config configs/pretrain/tiny.yaml --ckpt_path last
+    lab pretrain predict --config configs/pretrain/tiny.yaml --ckpt_path last --data.prompts prompts.txt
     lab export --ckpt runs/pretrain/tiny/checkpoints/last.ckpt --out checkpoints/gpt_tiny
 
 The config file's keys are LightningCLI's: ``model:`` (the arguments of `PretrainModule` below),
 ``data:`` (`PackedDataModule`), ``trainer:`` and ``run:`` (run directory, see training/common.py).
 
 Optimisation: AdamW (weight decay on the Linear / Embedding weights only, not on norms or the mHC
-logits and gates), linear warm-up then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``
-(stepped every optimizer step). Gradient accumulation, clipping and precision are Trainer
+logits and gates), linear warm-up (from 0) then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``
+(transformers' `get_cosine_with_min_lr_schedule_with_warmup`, stepped every optimizer step). Gradient accumulation, clipping and precision are Trainer
 arguments: ``trainer.accumulate_grad_batches``, ``trainer.gradient_clip_val``, and
 ``trainer.precision: bf16-mixed`` where bf16 matrix products are fast (CUDA with bf16; CPUs with
 AVX512-BF16/AMX, where they run ~3-4x faster than fp32; decide with ``bench/pretrain.py``);
@@ -19,7 +20,14 @@ the loss in fp32.
 
 Logged (to the CSV logger in the run dir, ``metrics.jsonl``, and any ``trainer.logger`` such as
 TensorBoard or W&B): ``train_loss``, ``train_ppl``, ``lr`` every step and ``val_loss``,
-``val_ppl`` (token-weighted over the validation batches) each validation.
+``val_ppl`` (token-weighted over the validation batches: a torchmetrics ``MeanMetric``) each validation.
+Both losses are the mean negative log-likelihood from the lab's teacher-forced scoring
+(`models.scoring.score`; a window's first token is its prompt).
+
+``lab pretrain predict`` writes continuations of the prompts in ``data.prompts`` (a text file, one
+prompt per line) to ``<run>/<model.predict.output>`` (``predictions.jsonl``; never overwritten): a
+header line, then ``{"id", "prompt", "completions": [{"text", "finish_reason", "num_tokens"}]}`` per
+prompt, decoded by the lab sampler without a chat template (``model.predict``: `PredictSettings`).
 
 Written to the run directory (beside ``checkpoints/``): ``model_config.json`` (the LabGPTConfig,
 which `load_causal_lm(<ckpt>)` reads), ``tokenizer/`` (a copy, so a checkpoint loads from any working
@@ -33,18 +41,23 @@ states from the ``rng_states`` entry the `ExactResume` callback (training/common
 from __future__ import annotations
 
 import json
-import math
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from torchmetrics import MeanMetric
 
-from lightning_lab.data.io import read_yaml_or_json, write_json_atomic
+from lightning_lab.data.io import JsonlWriter, read_yaml_or_json, write_json_atomic
 from lightning_lab.data.packed import PackedDataModule
 from lightning_lab.data.tokenizer import load_tokenizer
 from lightning_lab.models.gpt import LabGPTConfig, LabGPTForCausalLM
-from lightning_lab.training.common import run_stage_cli
+from lightning_lab.models.loading import LoadedModel
+from lightning_lab.models.scoring import score
+from lightning_lab.sampling.sampler import Sampler
+from lightning_lab.training.common import (PredictSettings, completion_records, cosine_schedule, predictions_path,
+                                           run_stage_cli)
 
 
 def build_model_config(model_config: str | dict, tokenizer) -> LabGPTConfig:
@@ -63,14 +76,6 @@ def build_model_config(model_config: str | dict, tokenizer) -> LabGPTConfig:
         raise ValueError(f"{source}: {error}") from error
 
 
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warm-up over `warmup_steps`, then cosine from 1 to `min_lr_ratio` at `max_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 class PretrainModule(L.LightningModule):
     """Next-token prediction on packed (input_ids, labels) batches whose labels are already shifted.
 
@@ -85,20 +90,27 @@ class PretrainModule(L.LightningModule):
         eps: AdamW epsilon.
         warmup_steps: optimizer steps of linear warm-up.
         max_steps: length of the cosine in optimizer steps; None = ``trainer.max_steps``.
+        predict: how ``lab pretrain predict`` decodes (`PredictSettings`; the output goes in the run directory).
     """
 
     def __init__(self, model_config: str | dict, tokenizer: str, lr: float = 3e-3, min_lr_ratio: float = 0.1,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 warmup_steps: int = 100, max_steps: int | None = None):
+                 warmup_steps: int = 100, max_steps: int | None = None, predict: PredictSettings = PredictSettings()):
         super().__init__()
-        self.save_hyperparameters()
+        self.predict_settings = predict
+        # not the predict settings: LightningCLI lets a --ckpt_path's hyper-parameters override the command line
+        self.save_hyperparameters(ignore=["predict"])
         self.tokenizer = load_tokenizer(tokenizer)
         self.model = LabGPTForCausalLM(build_model_config(model_config, self.tokenizer))
-        self._val_loss_sum = self._val_tokens = 0.0
+        self.val_loss = MeanMetric()  # token-weighted
+        self.predictions: JsonlWriter | None = None
 
     # ---- run directory -------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        if stage == "predict":
+            predictions_path(self.trainer, self.predict_settings)
+            return
         datamodule = getattr(self.trainer, "datamodule", None)
         data_tokenizer = getattr(datamodule, "tokenizer_path", None)
         if data_tokenizer is not None and Path(data_tokenizer).resolve() != Path(self.hparams.tokenizer).resolve():
@@ -114,16 +126,15 @@ class PretrainModule(L.LightningModule):
 
     # ---- steps ---------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
-
-    def loss(self, batch) -> tuple[torch.Tensor, int]:
+    def loss(self, batch, grad: bool) -> tuple[torch.Tensor, int]:
+        """Mean negative log-likelihood of the window's tokens after its first, and how many there were.
+        (input_ids, labels) is a window of T + 1 tokens shifted by one: its first token and the T labels."""
         input_ids, labels = batch
-        logits = self(input_ids)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), labels.numel()
+        scores = score(self.model, input_ids[:, :1], labels, grad=grad)
+        return scores.mean_nll(), labels.numel()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, _ = self.loss(batch)
+        loss, _ = self.loss(batch, grad=True)
         logged = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")  # DDP: the mean over the ranks
         self.log("train_loss", logged, prog_bar=True)
         self.log("train_ppl", torch.exp(logged))
@@ -131,17 +142,38 @@ class PretrainModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss, tokens = self.loss(batch)
-        self._val_loss_sum += float(loss) * tokens
-        self._val_tokens += tokens
+        loss, tokens = self.loss(batch, grad=False)
+        self.val_loss.update(loss, weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_tokens:
-            val_loss = self._val_loss_sum / self._val_tokens
-            # every DDP rank validates the same batches: sync_dist averages equal values (and silences a warning)
-            self.log("val_loss", val_loss, prog_bar=True, sync_dist=True)
-            self.log("val_ppl", math.exp(min(val_loss, 80.0)), sync_dist=True)
-        self._val_loss_sum = self._val_tokens = 0.0
+        # compute() reduces across DDP ranks (which all validate the same batches: the mean is theirs)
+        val_loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val_loss", val_loss, prog_bar=True)
+        self.log("val_ppl", torch.exp(val_loss.clamp(max=80.0)))
+
+    # ---- predict: continuations of prompts -----------------------------------------------
+
+    def on_predict_start(self) -> None:
+        self.predictions = JsonlWriter(predictions_path(self.trainer, self.predict_settings))
+        self.predictions.write({"header": {"stage": "pretrain", "prompts": self.trainer.datamodule.prompts,
+                                           "ckpt_path": self.trainer.ckpt_path,
+                                           "predict": asdict(self.predict_settings), "time": time.time()}})
+
+    def predict_step(self, batch: list[tuple[str, str]], batch_idx: int) -> None:
+        settings = self.predict_settings
+        loaded = LoadedModel(self.model, self.tokenizer, "pretrain", self.device, next(self.model.parameters()).dtype)
+        generation = Sampler(loaded).generate(
+            [prompt for _, prompt in batch], n=settings.n, max_new_tokens=settings.max_new_tokens, chat=False,
+            greedy=settings.greedy, temperature=settings.temperature, top_p=settings.top_p,
+            seed=settings.seed + batch_idx, batch_size=len(batch))
+        for (prompt_id, prompt), result in zip(batch, generation.prompts):
+            self.predictions.write({"id": prompt_id, "prompt": prompt, "completions": completion_records(result)})
+
+    def on_predict_end(self) -> None:
+        if self.predictions is not None:
+            self.predictions.close()
+            self.predictions = None
 
     # ---- optimisation --------------------------------------------------------------------
 
@@ -160,8 +192,7 @@ class PretrainModule(L.LightningModule):
         max_steps = self.hparams.max_steps or self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
             raise ValueError("the cosine schedule needs a length: set trainer.max_steps or model.max_steps")
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
-            step, self.hparams.warmup_steps, max_steps, self.hparams.min_lr_ratio))
+        schedule = cosine_schedule(optimizer, self.hparams.warmup_steps, max_steps, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

@@ -3,10 +3,12 @@
     lab rl fit --config configs/rl/gsm8k_smollm2.yaml
     lab rl fit --config configs/rl/gsm8k_smollm2.yaml --ckpt_path last               # resume
     lab rl fit --config configs/rl/gsm8k_smollm2.yaml --model.reward my_rewards.py:has_answer_line
+    lab rl fit --config configs/rl/gsm8k_smollm2.yaml --model.adapter runs/sft/gsm8k_smollm2/adapters/final
+    lab rl predict --config configs/rl/gsm8k_smollm2.yaml --ckpt_path last     # generations + rewards -> JSONL
     lab adapter merge --adapter runs/rl/gsm8k_smollm2/adapters/final --out checkpoints/smollm2_rl_gsm8k
 
 Config keys are LightningCLI's: ``model:`` (`RLModule`), ``data:`` (`SampleDataModule` from
-training/sft.py: batches of `Sample`s, the dev half held out), ``trainer:``, ``run:``.
+training/common.py: batches of `Sample`s, the dev half held out), ``trainer:``, ``run:``.
 
 One training step, for a batch of B prompts:
 
@@ -36,8 +38,9 @@ One training step, for a batch of B prompts:
    with rho = pi(token) / pi_old(token) (pi_old: the policy that sampled; rho = 1 on the first
    update, so clipping acts from the second) and KL the k3 estimator exp(q) - q - 1, q = log
    pi_ref - log pi, against the frozen base, computed by the same model with the adapter
-   disabled (``with model.disable_adapter():``, no second copy of the weights). Log-probs use
-   logits / temperature, the distribution that was sampled (top-p truncation aside).
+   disabled (``with model.disable_adapter():``, no second copy of the weights). Log-probs come from
+   the lab's teacher-forced scoring (`models.scoring.score`) at the rollouts' temperature, the
+   distribution that was sampled (top-p truncation aside).
    The sequences run in chunks of ``micro_batch_size`` (gradients accumulate within a step).
 
 Manual optimisation (several optimizer steps per batch), so ``trainer.max_steps`` counts optimizer
@@ -45,12 +48,18 @@ steps (batches x updates_per_batch), gradient clipping is ``model.max_grad_norm`
 ``trainer.gradient_clip_val`` / ``accumulate_grad_batches`` must stay unset. Use LoRA dropout 0:
 with dropout the ratio and the KL would compare two different random sub-networks.
 
-Validation: greedy decoding of the validation prompts, mean reward = ``val_reward``.
+Validation: greedy decoding of the validation prompts, mean reward = ``val_reward`` (a torchmetrics
+``MeanMetric``: under DDP each rank decodes its share and the mean is over all of them).
+Several processes (``--trainer.devices N --trainer.strategy ddp``) shard every global batch of prompts
+across the ranks, as SFT does; the gradients are averaged over the ranks at every update.
+``lab rl predict`` writes the generations (``model.predict``) and each completion's reward to
+``<run>/predictions.jsonl`` (see `LoraModule`).
 Logged per step: ``train_reward``, ``train_groups_all_equal``, ``train_loss``, ``train_kl``,
 ``train_clip_frac``, ``train_completion_tokens``, ``train_eos_frac``, ``lr``.
 
-Loading, dtype, small checkpoints (LoRA weights only, checked on load), exact resume and the
-adapter written to ``runs/rl/<name>/adapters/<adapter_name>/`` are those of SFT (`LoraModule`).
+Loading (``model.adapter``: start from a saved adapter, e.g. SFT's), dtype, small checkpoints (LoRA
+weights only, checked on load), exact resume and the adapter written to
+``runs/rl/<name>/adapters/<adapter_name>/`` are those of SFT (`LoraModule`).
 """
 
 from __future__ import annotations
@@ -66,14 +75,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torchmetrics import MeanMetric
 
 from lightning_lab.data.benchmarks import Sample
-from lightning_lab.eval.metrics import score
-from lightning_lab.sampling.sampler import Sampler
-from lightning_lab.models.loading import LoadedModel
+from lightning_lab.eval import metrics
 from lightning_lab.models.lora import LoraSettings
-from lightning_lab.training.common import run_stage_cli
-from lightning_lab.training.sft import REQUIRED_ARTIFACTS, LoraModule, SampleDataModule
+from lightning_lab.models.scoring import score
+from lightning_lab.training.common import LoraModule, PredictSettings, SampleDataModule, run_stage_cli
+from lightning_lab.training.sft import REQUIRED_ARTIFACTS
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +100,7 @@ class RewardError(RuntimeError):
 
 
 def builtin_reward(scorer: str, sample: Sample, completion: str) -> float:
-    return score(scorer, completion, sample.reference)
+    return metrics.score(scorer, completion, sample.reference)
 
 
 def load_reward(spec: str) -> Reward:
@@ -159,27 +168,6 @@ def policy_loss_terms(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torc
     return -surrogate + kl_coef * kl, kl, clipped
 
 
-def rollout_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Prompts left-padded to a common length P, completions right-padded after them, so every
-    completion starts at column P and only the last C+1 positions' logits are needed.
-    Position ids count from each row's first real token (as the sampler counted them)."""
-    prompt_width = max(len(ids) for ids in prompt_ids)
-    completion_width = max(len(ids) for ids in completion_ids)
-    rows = len(prompt_ids)
-    input_ids = torch.full((rows, prompt_width + completion_width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    completion_mask = torch.zeros((rows, completion_width))
-    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
-        start = prompt_width - len(prompt)
-        input_ids[row, start:prompt_width] = torch.tensor(prompt)
-        input_ids[row, prompt_width:prompt_width + len(completion)] = torch.tensor(completion)
-        attention_mask[row, start:prompt_width + len(completion)] = 1
-        completion_mask[row, : len(completion)] = 1.0
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "completion_mask": completion_mask}
-
-
 # ---- the module -------------------------------------------------------------------------------
 
 
@@ -203,6 +191,8 @@ class RLModule(LoraModule):
         dtype: dtype the base is loaded in (fp32 default; see training/sft.py).
         adapter_name: the adapter goes to ``<run>/adapters/<adapter_name>/``.
         seed: seeds the rollouts (with the step number).
+        adapter: start from this saved peft adapter directory (e.g. an SFT run's) instead of a new LoRA.
+        predict: decoding settings of ``lab rl predict`` (`PredictSettings`).
     """
 
     def __init__(self, model: str = "smollm2-135m", lora: LoraSettings = LoraSettings(dropout=0.0),
@@ -210,23 +200,23 @@ class RLModule(LoraModule):
                  temperature: float = 1.0, top_p: float = 1.0, kl_coef: float = 0.04, clip_eps: float = 0.2,
                  updates_per_batch: int = 1, micro_batch_size: int = 8, max_grad_norm: float = 1.0,
                  learning_rate: float = 2e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 min_lr_ratio: float = 1.0, dtype: str = "fp32", adapter_name: str = "final", seed: int = 0):
-        super().__init__(model, lora, learning_rate, weight_decay, warmup_steps, min_lr_ratio, dtype, adapter_name)
+                 min_lr_ratio: float = 1.0, dtype: str = "fp32", adapter_name: str = "final", seed: int = 0,
+                 adapter: str | None = None, predict: PredictSettings = PredictSettings()):
+        super().__init__(model, lora, learning_rate, weight_decay, warmup_steps, min_lr_ratio, dtype, adapter_name,
+                         adapter, predict)
         if group_size < 2:
             raise ValueError(f"model.group_size={group_size}: group-relative advantages need at least 2 samples")
         if temperature <= 0:
             raise ValueError(f"model.temperature={temperature}: rollouts must sample (temperature > 0)")
         self.reward_function = load_reward(reward)  # a bad spec fails here, before the model is loaded
         self.automatic_optimization = False
-        self._val_rewards: list[float] = []
+        self.val_reward = MeanMetric()
 
     # ---- rollouts and rewards ------------------------------------------------------------
 
     def sample(self, samples: list[Sample], n: int, greedy: bool, seed: int):
         """n completions per sample from the current policy (adapter on), via the lab sampler."""
-        policy = LoadedModel(self.model, self.tokenizer, self.hparams.model, self.device,
-                             next(self.model.parameters()).dtype)  # the sampler decodes through the peft base
-        generation = Sampler(policy).generate(  # Sampler puts the model in eval mode; training_step undoes it
+        generation = self.sampler().generate(  # Sampler puts the model in eval mode; training_step undoes it
             [sample.prompt for sample in samples], n=n, max_new_tokens=self.hparams.max_new_tokens,
             temperature=self.hparams.temperature, top_p=self.hparams.top_p, greedy=greedy, seed=seed,
             batch_size=len(samples))
@@ -236,14 +226,11 @@ class RLModule(LoraModule):
         return torch.tensor([[checked_reward(self.reward_function, self.hparams.reward, sample, completion.text)
                               for completion in result.completions] for sample, result in zip(samples, results)])
 
-    def token_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log pi(completion token) at temperature, (sequences, completion width)."""
-        completion_width = batch["completion_mask"].shape[1]
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch["position_ids"], use_cache=False,
-                            logits_to_keep=completion_width + 1).logits[:, :-1].float() / self.hparams.temperature
-        targets = batch["input_ids"][:, -completion_width:]
-        return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)
+    def token_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], adapter: bool = True,
+                       grad: bool = False):
+        """`Scores` of the completions under the policy (or, adapter=False, the base) at the rollout temperature."""
+        return score(self.model, prompt_ids, completion_ids, temperature=self.hparams.temperature, adapter=adapter,
+                     grad=grad)
 
     # ---- training ------------------------------------------------------------------------
 
@@ -255,29 +242,26 @@ class RLModule(LoraModule):
         rewards = self.rewards(samples, results).to(self.device)
         advantages = rloo_advantages(rewards).flatten()[:, None]
         completions = [completion for result in results for completion in result.completions]
-        prompts = [result.prompt_token_ids for result in results for _ in range(group_size)]
-        batch = rollout_batch(prompts, [c.token_ids for c in completions], self.tokenizer.pad_token_id)
-        batch = {key: value.to(self.device) for key, value in batch.items()}
-        total_tokens = batch["completion_mask"].sum()
+        prompt_ids = [result.prompt_token_ids for result in results for _ in range(group_size)]
+        completion_ids = [completion.token_ids for completion in completions]
+        total_tokens = float(max(1, sum(map(len, completion_ids))))
 
         chunks = [slice(start, start + self.hparams.micro_batch_size)
                   for start in range(0, len(completions), self.hparams.micro_batch_size)]
-        chunk_of = lambda rows: {key: value[rows] for key, value in batch.items()}  # noqa: E731
-        with torch.no_grad():
-            with self.model.disable_adapter():
-                ref_logp = torch.cat([self.token_logprobs(chunk_of(rows)) for rows in chunks])
-            old_logp = (torch.cat([self.token_logprobs(chunk_of(rows)) for rows in chunks])
-                        if self.hparams.updates_per_batch > 1 else None)
+        ref_logp = [self.token_logprobs(prompt_ids[rows], completion_ids[rows], adapter=False).logprobs
+                    for rows in chunks]
+        old_logp = ([self.token_logprobs(prompt_ids[rows], completion_ids[rows]).logprobs for rows in chunks]
+                    if self.hparams.updates_per_batch > 1 else None)
 
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         for _ in range(self.hparams.updates_per_batch):
             optimizer.zero_grad()
             loss_sum = kl_sum = clipped_sum = 0.0
-            for rows in chunks:
-                logp = self.token_logprobs(chunk_of(rows))
-                mask = batch["completion_mask"][rows]
-                old = old_logp[rows] if old_logp is not None else logp.detach()
-                token_loss, kl, clipped = policy_loss_terms(logp, old, ref_logp[rows], advantages[rows],
+            for chunk, rows in enumerate(chunks):
+                scores = self.token_logprobs(prompt_ids[rows], completion_ids[rows], grad=True)
+                logp, mask = scores.logprobs, scores.mask
+                old = old_logp[chunk] if old_logp is not None else logp.detach()
+                token_loss, kl, clipped = policy_loss_terms(logp, old, ref_logp[chunk], advantages[rows],
                                                             self.hparams.clip_eps, self.hparams.kl_coef)
                 loss = (token_loss * mask).sum() / total_tokens
                 self.manual_backward(loss)
@@ -295,9 +279,9 @@ class RLModule(LoraModule):
         self.log("train_reward", rewards.mean(), prog_bar=True, batch_size=size)
         self.log("train_groups_all_equal", all_equal, batch_size=size)
         self.log("train_loss", loss_sum, batch_size=size)
-        self.log("train_kl", kl_sum / float(total_tokens), prog_bar=True, batch_size=size)
-        self.log("train_clip_frac", clipped_sum / float(total_tokens), batch_size=size)
-        self.log("train_completion_tokens", float(total_tokens) / len(completions), batch_size=size)
+        self.log("train_kl", kl_sum / total_tokens, prog_bar=True, batch_size=size)
+        self.log("train_clip_frac", clipped_sum / total_tokens, batch_size=size)
+        self.log("train_completion_tokens", total_tokens / len(completions), batch_size=size)
         self.log("train_eos_frac", sum(c.finish_reason == "eos" for c in completions) / len(completions),
                  batch_size=size)
         self.log("lr", optimizer.param_groups[0]["lr"], batch_size=size)
@@ -306,12 +290,19 @@ class RLModule(LoraModule):
 
     def validation_step(self, samples: list[Sample], batch_idx: int) -> None:
         results = self.sample(samples, n=1, greedy=True, seed=0)
-        self._val_rewards += self.rewards(samples, results).flatten().tolist()
+        self.val_reward.update(self.rewards(samples, results).flatten())
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_rewards:
-            self.log("val_reward", sum(self._val_rewards) / len(self._val_rewards), prog_bar=True)
-        self._val_rewards = []
+        self.log("val_reward", self.val_reward.compute(), prog_bar=True)  # compute() reduces across DDP ranks
+        self.val_reward.reset()
+
+    # ---- predict: generations and their rewards ------------------------------------------
+
+    def predict_record(self, sample: Sample, result) -> dict:
+        record = super().predict_record(sample, result)
+        for line, completion in zip(record["completions"], result.completions):
+            line["reward"] = checked_reward(self.reward_function, self.hparams.reward, sample, completion.text)
+        return record
 
 
 def main(argv: list[str]) -> int:
