@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "adapter": ("lightning_lab.models.lora:main", "adapter merge: write base + LoRA as one model"),
     "bon": ("lightning_lab.bon.collect:main", "best-of-N: collect | distill | analyze | predict"),
     "quietstar": ("lightning_lab.quietstar.cli:main", "Quiet-STaR: bake thoughts into weights (fit | validate | predict | bake)"),
-    "rauq": ("lightning_lab.rauq.cli:main", "RAUQ-CoT: score | select-heads | fit-threshold"),
+    "rauq": ("lightning_lab.rauq.cli:main", "RAUQ-CoT: score | select-heads | fit-threshold | run | evaluate | ablate"),
     "discover": ("lightning_lab.discover.cli:main", "discovery suite: run (best-of-N | TTT)"),
     "ab": ("lightning_lab.eval.ab:main", "A/B test of two arms (settings or models) on one benchmark: McNemar, bootstrap"),
 }

@@ -200,14 +200,16 @@ def test_fit_threshold_cuts_at_youden_j_and_refuses_one_class(tmp_path):
     assert fit["coef"] > 0 and fit["auroc"] == pytest.approx(15 / 16)
     with pytest.raises(UserError, match="all 3 calibration samples are correct.*--calibration"):
         fit_threshold(np.array([1.0, 2.0, 3.0]), np.zeros(3, dtype=bool))
-    threshold = Threshold(unit="token", alpha=0.5, model="tiny", heads_hash="sha256:h", data_hash="sha256:d",
+    threshold = Threshold(trigger="rauq", unit="token", alpha=0.5, model="tiny", heads_hash="sha256:h", data_hash="sha256:d",
                           num_outputs=2, **fit)
     threshold.save(tmp_path / "theta.json")
     loaded = load_threshold(tmp_path / "theta.json")
     assert loaded == threshold
-    loaded.check(0.5, "tiny", "sha256:h", "theta.json")
+    loaded.check("rauq", 0.5, "tiny", "sha256:h", "theta.json")
     with pytest.raises(UserError, match=r"theta.json: theta was fitted for alpha 0.5 \(this run: 0.3\)"):
-        loaded.check(0.3, "tiny", "sha256:h", "theta.json")
+        loaded.check("rauq", 0.3, "tiny", "sha256:h", "theta.json")
+    with pytest.raises(UserError, match=r"trigger 'rauq' \(this run: 'entropy'\), model 'tiny' \(this run: 'x'\)"):
+        loaded.check("entropy", 0.5, "x", "sha256:h", "theta.json")
 
 
 def test_calibration_pairs_name_the_line_of_an_empty_completion(tmp_path):

@@ -22,7 +22,8 @@ import numpy as np
 
 from lightning_lab.errors import UserError
 from lightning_lab.loops import check_choice, check_count, check_device, check_input_file, check_number
-from lightning_lab.rauq.scoring import CONVENTIONS, default_alpha
+from lightning_lab.rauq.controller import TRIGGERS, signal
+from lightning_lab.rauq.scoring import CONVENTIONS, RunningScore, default_alpha
 
 SCORERS = ("exact", "numeric", "gsm8k", "math", "code")  # eval.metrics.score's names; or module:function
 
@@ -115,7 +116,7 @@ def run_score(config: ScoreConfig) -> int:
 
     pairs = calibration_pairs(config.input)
     loaded, alpha = config.load()
-    heads = _heads_for(config.heads, loaded) if config.heads else None
+    heads = heads_for(config.heads, loaded) if config.heads else None
     encode = _encoder(loaded)
     with JsonlWriter(config.output) as writer:
         for start in range(0, len(pairs), config.batch_size):
@@ -198,8 +199,10 @@ class FitThresholdConfig(ModelOptions):
     """most calibration problems decoded"""
     max_samples: int = 2048
     """most tokens (unit token) or outputs (unit sequence) fitted on"""
+    trigger: str = "rauq"
+    """the signal theta is for: rauq (running RAUQ) | entropy | margin (1 - top-2 margin)"""
     unit: str = "token"
-    """token: the running token-level RAUQ the trigger compares | sequence: one score per output"""
+    """token: the signal the trigger compares, at every token | sequence: one score per output"""
     scorer: str = "gsm8k"
     """exact | numeric | gsm8k | math | code | module:function: labels each output correct or wrong"""
     max_new_tokens: int = 256
@@ -217,15 +220,16 @@ class FitThresholdConfig(ModelOptions):
         for key in ("num_examples", "max_samples", "max_new_tokens", "batch_size"):
             check_count(key, getattr(self, key))
         check_choice("unit", self.unit, ("token", "sequence"))
+        check_choice("trigger", self.trigger, TRIGGERS)
         labeller(self.scorer)
 
 
-def running_scores(completion, alpha: float, num_layers: int) -> list[float]:
-    """The running token-level RAUQ after every token of a sampler `Completion` with captured heads."""
-    from lightning_lab.rauq.scoring import RunningScore
-
+def signal_trace(completion, trigger: str, alpha: float, num_layers: int) -> list[float]:
+    """The trigger's signal (`controller.signal`) after every token of a sampler `Completion` whose logprobs,
+    entropies, margins and heads' attention were asked for."""
     running = RunningScore(alpha, num_layers)
-    return [running.push(logprob, attention) for logprob, attention in zip(completion.logprobs, completion.attention)]
+    return [signal(trigger, running.push(logprob, attention), entropy, margin) for logprob, attention, entropy, margin
+            in zip(completion.logprobs, completion.attention, completion.entropies, completion.margins)]
 
 
 def run_fit_threshold(config: FitThresholdConfig) -> int:
@@ -237,31 +241,33 @@ def run_fit_threshold(config: FitThresholdConfig) -> int:
     samples = load_benchmark(config.calibration, split="all")[:config.num_examples]
     label = labeller(config.scorer)
     loaded, alpha = config.load()
-    heads = _heads_for(config.heads, loaded)
+    heads = heads_for(config.heads, loaded)
     sampler = Sampler(loaded)
     scores, wrong, outputs = [], [], 0
     for start in range(0, len(samples), config.batch_size):
         if len(scores) >= config.max_samples:
             break
         batch = samples[start:start + config.batch_size]
-        generation = sampler.generate([sample.prompt for sample in batch], greedy=True, logprobs=True,
-                                      max_new_tokens=config.max_new_tokens, capture_heads=heads.pairs,
+        generation = sampler.generate([sample.prompt for sample in batch], greedy=True, logprobs=True, entropy=True,
+                                      margin=True, max_new_tokens=config.max_new_tokens, capture_heads=heads.pairs,
                                       batch_size=config.batch_size)
         for sample, (completion,) in zip(batch, generation.completions):
             if not completion.token_ids:
                 continue
-            trace = running_scores(completion, alpha, len(heads.pairs))
+            trace = signal_trace(completion, config.trigger, alpha, len(heads.pairs))
             is_wrong = not label(completion.text, sample)
-            values = trace if config.unit == "token" else trace[-1:]
+            # a sequence: RAUQ's score is the running score at its last token; entropy and margin average
+            sequence = trace[-1] if config.trigger == "rauq" else sum(trace) / len(trace)
+            values = trace if config.unit == "token" else [sequence]
             scores += values
             wrong += [is_wrong] * len(values)
             outputs += 1
     scores, wrong = np.array(scores[:config.max_samples]), np.array(wrong[:config.max_samples])
     fit = fit_threshold(scores, wrong)
-    threshold = Threshold(unit=config.unit, num_outputs=outputs, alpha=alpha, model=loaded.spec,
+    threshold = Threshold(trigger=config.trigger, unit=config.unit, num_outputs=outputs, alpha=alpha, model=loaded.spec,
                           heads_hash=file_hash(config.heads), data_hash=file_hash(config.calibration), **fit)
     threshold.save(config.output)
-    print(f"theta = {threshold.theta:.4f} ({config.unit} unit, {threshold.num_samples} samples from {outputs} "
+    print(f"theta = {threshold.theta:.4f} ({config.trigger}, {config.unit} unit, {threshold.num_samples} samples from {outputs} "
           f"outputs, {threshold.num_wrong} wrong; AUROC {threshold.auroc:.3f}, Youden J {threshold.youden_j:.3f}) "
           f"-> {config.output}")
     return 0
@@ -270,7 +276,7 @@ def run_fit_threshold(config: FitThresholdConfig) -> int:
 # ---- shared pieces -----------------------------------------------------------------------------------
 
 
-def _heads_for(path: str, loaded):
+def heads_for(path: str, loaded):
     """The heads file, refused if it was chosen for another model."""
     from lightning_lab.models.scoring import pretrained_model
     from lightning_lab.rauq.heads import load_heads

@@ -53,6 +53,13 @@ COT_POLICIES = ("rauq", "max20", "unlimited")
 ANCHOR_ENDINGS = (".", "?", "!", "\n")
 
 
+def signal(trigger: str, rauq: float | None, entropy: float, margin: float) -> float | None:
+    """What a trigger compares with theta: the running RAUQ, the entropy, or 1 - the top-2 margin."""
+    if trigger == "rauq":
+        return rauq
+    return entropy if trigger == "entropy" else 1.0 - margin
+
+
 @dataclass
 class ControllerConfig:
     trigger: str = "rauq"
@@ -117,7 +124,8 @@ class ControllerOutput:
     extra_tokens: int  # tokens decoded beyond the final answer's: rolled back, thoughts, rerank rollouts
     stats: dict
     token_ids: list[int] = field(default_factory=list)  # the final completion's tokens (thoughts included)
-    repairs: list[dict] = field(default_factory=list)  # {prefix, cot, trigger_position} per inserted thought
+    repairs: list[dict] = field(default_factory=list)  # per thought: prefix, cot, trigger_position, thought_end
+    # (thought_end: index in token_ids just after the thought's closing)
     trace: list[dict] = field(default_factory=list)
 
 
@@ -198,7 +206,8 @@ class RAUQController:
                 thought, used, sampled = self._think(state, tokens, trace, config.cot_horizon - thought_budget)
                 decoded += used
                 thought_budget += sampled
-                repairs.append({"prefix": prefix, "cot": thought, "trigger_position": event["position"]})
+                repairs.append({"prefix": prefix, "cot": thought, "trigger_position": event["position"],
+                                "thought_end": len(tokens)})
                 segment_start = len(tokens)
             else:  # rerank: the chosen token is the next answer token
                 used, output = self._rerank(state, running, tokens, trace)
@@ -222,13 +231,6 @@ class RAUQController:
         """One token under `params` on the same state (greedy answer, sampled thought)."""
         state.params = params  # until the sampler's step takes per-call parameters (issue 21)
         return self.sampler.step(state)
-
-    def _signal(self, output: StepOutput, rauq: float | None) -> float | None:
-        if self.config.trigger == "rauq":
-            return rauq
-        if self.config.trigger == "entropy":
-            return output.entropy
-        return 1.0 - output.margin
 
     def _rollback_count(self, tokens: list[_Token], segment_start: int) -> int:
         """How many tokens a trigger rolls back: never into a thought or the prompt."""
@@ -301,7 +303,8 @@ class RAUQController:
         """Score an answer token (a new recurrence right after a thought) and keep it."""
         after_thought = bool(tokens) and tokens[-1].kind == "thought"
         rauq = running.push(output.logprob, output.attention, restart=after_thought) if running is not None else None
-        token = _Token(output.token_id, output.text, "answer", rauq, self._signal(output, rauq))
+        value = signal(self.config.trigger, rauq, output.entropy, output.margin)
+        token = _Token(output.token_id, output.text, "answer", rauq, value)
         tokens.append(token)
         trace.append(self._trace_entry(token))
 

@@ -1,13 +1,14 @@
 """The trigger threshold theta, fitted on the quantity the trigger compares.
 
 Calibration: greedy outputs labelled correct or wrong by the task metric. ``unit="token"`` (the default)
-fits on the running token-level RAUQ of every generated token, each labelled with its output's label (the
-trigger compares exactly that running score); ``unit="sequence"`` on one score per output. A logistic
+fits on the trigger's signal at every generated token (for rauq the running token-level RAUQ), each
+labelled with its output's label (the trigger compares exactly that); ``unit="sequence"`` on one score per
+output (RAUQ's sequence score; the mean signal for entropy and margin). A logistic
 regression (scikit-learn) of "wrong" on the score gives the coefficients; theta is the cut on the score with
 the largest Youden's J (TPR - FPR) on the ROC of "score > theta predicts a wrong output". For a positive
 coefficient that is the ROC of the regression's probability too (it rises with the score).
 
-The theta file records alpha, the model and the heads file's hash: `Threshold.check` refuses a theta fitted
+The theta file records the trigger, alpha, the model and the heads file's hash: `Threshold.check` refuses a theta fitted
 for other ones (re-run `lab rauq fit-threshold` after changing any of them).
 """
 
@@ -31,6 +32,7 @@ UNITS = ("token", "sequence")
 @dataclass
 class Threshold:
     theta: float
+    trigger: str  # the signal it was fitted on: rauq | entropy | margin (controller.TRIGGERS)
     unit: str
     coef: float  # logistic regression of "wrong" on the score: P(wrong) = sigmoid(coef * score + intercept)
     intercept: float
@@ -47,14 +49,14 @@ class Threshold:
     def save(self, path: str | os.PathLike) -> None:
         write_new_json(path, asdict(self))
 
-    def check(self, alpha: float, model: str, heads_hash: str, where: str) -> None:
-        """Refuse a theta fitted for another alpha, model or heads file (`where`: the theta file's path)."""
+    def check(self, trigger: str, alpha: float, model: str, heads_hash: str, where: str) -> None:
+        """Refuse a theta fitted for another trigger, alpha, model or heads file (`where`: the theta file's path)."""
         mismatches = [f"{name} {mine!r} (this run: {theirs!r})" for name, mine, theirs in
-                      (("alpha", self.alpha, alpha), ("model", self.model, model), ("heads", self.heads_hash, heads_hash))
-                      if mine != theirs]
+                      (("trigger", self.trigger, trigger), ("alpha", self.alpha, alpha), ("model", self.model, model),
+                       ("heads", self.heads_hash, heads_hash)) if mine != theirs]
         if mismatches:
             raise UserError(f"{where}: theta was fitted for {', '.join(mismatches)}; re-run "
-                            "`lab rauq fit-threshold` with this run's --alpha, --model and --heads")
+                            "`lab rauq fit-threshold` with this run's --trigger, --alpha, --model and --heads")
 
 
 def load_threshold(path: str | os.PathLike) -> Threshold:
