@@ -114,6 +114,8 @@ class PlainArm:
 
 def load_arm(path: str | Path, key: str) -> PlainArm:
     """An arm from a YAML file (module docstring); `key` names the flag in errors."""
+    if not path:
+        raise UserError(f"{key}: an arm config file is required")
     config = read_yaml_or_json(path)
     if not isinstance(config, dict):
         raise UserError(f"{key}: {path}: expected a mapping of arm settings")
@@ -285,8 +287,6 @@ class ABConfig:
     dtype: str = "auto"
 
     def __post_init__(self):
-        if not self.a or not self.b:
-            raise UserError("--a and --b: both arm config files are required")
         if self.rounds < 1:
             raise UserError(f"rounds: must be >= 1; got {self.rounds}")
         if self.samples < 1:
@@ -313,13 +313,16 @@ def check_references(samples: list[Sample], scorer: str, dataset: str) -> None:
                             "have none (choose --scorer exact or math)")
 
 
-def run_ab(config: ABConfig, arm_a: PlainArm | None = None, arm_b: PlainArm | None = None) -> dict:
-    """Run both arms over the items for every round, write the outcomes, results and figure; the results."""
+def run_ab(config: ABConfig, arm_a: PlainArm | None = None, arm_b: PlainArm | None = None,
+           samples: list[Sample] | None = None) -> dict:
+    """Run both arms over the items for every round, write the outcomes, results and figure; the results.
+    Arms and items not given come from the config (``a``, ``b``; ``dataset``, ``split``, ``samples``)."""
     arm_a = arm_a or load_arm(config.a, "--a")
     arm_b = arm_b or load_arm(config.b, "--b")
     if arm_a.name == arm_b.name:
         arm_b.name = f"{arm_b.name}_b"
-    samples = load_benchmark(config.dataset, split=config.split, limit=config.samples, seed=config.seed)
+    if samples is None:
+        samples = load_benchmark(config.dataset, split=config.split, limit=config.samples, seed=config.seed)
     check_references(samples, config.scorer, config.dataset)
     out = Path(config.output_dir) / (config.name or f"{arm_a.name}_vs_{arm_b.name}")
     if (out / "ab_results.json").exists():
