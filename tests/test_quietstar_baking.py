@@ -88,12 +88,12 @@ def test_quietstar_pause_then_resume_equals_an_uninterrupted_run(tiny_lab_gpt_di
                               "--trainer.callbacks+=conftest.SigintAtStep", "--trainer.callbacks.step=2")) == 0
     heartbeat = json.loads((root / "quietstar" / "paused" / "_run_tracker" / "heartbeat.json").read_text())
     assert (heartbeat["status"], heartbeat["step"]) == ("paused", 2)
+    assert not (root / "quietstar" / "paused" / "baked_model").exists()  # baked when the run finishes
     assert lab_main(bake_argv(tiny_lab_gpt_dir, texts, root, "paused", *common, "--ckpt_path", "last")) == 0
 
     straight_dir, paused_dir = root / "quietstar" / "straight", root / "quietstar" / "paused"
     assert metrics(paused_dir, "train_loss") == metrics(straight_dir, "train_loss")
-    # the pause baked a model at step 2; the finished run's bake sits beside it
-    resumed = load_file(paused_dir / "baked_model-step0000005" / "model.safetensors")
+    resumed = load_file(paused_dir / "baked_model" / "model.safetensors")
     straight = load_file(straight_dir / "baked_model" / "model.safetensors")
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)

@@ -39,8 +39,8 @@ same with ``val_`` (the held-out answer to "do thoughts help on held-out text?")
 Both objectives: ``model.lora`` set -> a LoRA adapter (the marker embeddings stay as initialised), None ->
 full fine-tuning (the default; the seed's learning rate 1e-5). Checkpoints hold the trainable weights (and
 the mixing head); the base is reloaded from ``model.model`` and the thought tokens re-added, so
-``--ckpt_path last`` resumes exactly (RNG states and the batch position included). At the end of fit the
-baked model is written to ``<run>/baked_model/`` (LoRA merged), a Hugging Face directory with the thought
+``--ckpt_path last`` resumes exactly (RNG states and the batch position included). At the end of fit (not at
+a pause) the baked model is written to ``<run>/baked_model/`` (LoRA merged), a Hugging Face directory with the thought
 tokens in its tokenizer, that `load_causal_lm` and the A/B harness load; the quietstar objective adds
 ``mixing_head.pt`` beside it. ``lab quietstar predict`` writes each prompt's answer (thoughts hidden, and
 listed) to ``<run>/predictions.jsonl``.
@@ -56,6 +56,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lightning_lab.callbacks.pause import GracefulPause
 from lightning_lab.data.benchmarks import Sample, load_benchmark
 from lightning_lab.data.io import DataError, JsonlWriter
 from lightning_lab.errors import UserError
@@ -66,9 +67,8 @@ from lightning_lab.quietstar.injector import InjectorConfig, ThoughtInjector
 from lightning_lab.quietstar.tokens import END_THOUGHT, START_THOUGHT, add_thought_tokens
 from lightning_lab.sampling.prompts import encode_prompt
 from lightning_lab.sampling.sampler import Sampler
-from lightning_lab.training.common import run_stage_cli
-from lightning_lab.training.pretrain import warmup_cosine
-from lightning_lab.training.sft import SampleBatches, completion_text
+from lightning_lab.training.common import SampleBatches, cosine_schedule, run_stage_cli
+from lightning_lab.training.sft import completion_text
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,7 @@ class QuietStarModule(L.LightningModule):
         parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
-            step, self.hparams.warmup_steps, int(max_steps), self.hparams.min_lr_ratio))
+        schedule = cosine_schedule(optimizer, self.hparams.warmup_steps, int(max_steps), self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -328,8 +327,13 @@ class QuietStarModule(L.LightningModule):
     def baked_dir(self) -> Path:
         return Path(self.trainer.default_root_dir) / "baked_model"
 
+    def paused(self) -> bool:
+        """Whether this fit stopped on a Ctrl+C pause (GracefulPause saved last.ckpt) rather than finishing."""
+        return any(isinstance(callback, GracefulPause) and callback.checkpoint_path is not None
+                   for callback in self.trainer.callbacks)
+
     def on_train_end(self) -> None:
-        if not self.trainer.is_global_zero:
+        if not self.trainer.is_global_zero or self.paused():  # a paused run bakes when it finishes
             return
         model = self.model
         if self.lora is not None:  # merged into a copy: the module keeps its adapter for a later resume
@@ -337,7 +341,7 @@ class QuietStarModule(L.LightningModule):
 
             model = copy.deepcopy(model).merge_and_unload()
         out = self.baked_dir()
-        if out.exists():  # a resumed run bakes again: keep the earlier bake beside it, overwrite nothing
+        if out.exists():  # a run continued past its end (more steps) bakes again: overwrite nothing
             out = out.with_name(f"baked_model-step{self.trainer.global_step:07d}")
         save_model_dir(model, self.tokenizer, out)
         if self.mixing_head is not None:

@@ -271,6 +271,9 @@ class QuietSTaRBaker:
         if (baked.parent / "checkpoints" / "last.ckpt").is_file():
             argv += ["--ckpt_path", "last"]
         fit_main(argv)
+        if not (baked / "config.json").is_file():  # the stage was paused (Ctrl+C): its checkpoint is kept
+            raise UserError(f"baking paused before the end; continue with the same command and --resume true "
+                            f"(checkpoint: {baked.parent / 'checkpoints' / 'last.ckpt'})")
         return str(baked)
 
 
