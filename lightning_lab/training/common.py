@@ -115,16 +115,29 @@ def set_rng_states(states: dict) -> None:
 
 class ExactResume(Callback):
     """Saves the RNG states (Python, NumPy, torch, CUDA) in every checkpoint and restores them on resume,
-    so dropout, sampling and shuffling continue as in an uninterrupted run."""
+    so dropout, sampling and shuffling continue as in an uninterrupted run.
+
+    Under DDP each rank draws its own random numbers (dropout over its own batch), so every rank's states are
+    gathered into the checkpoint (``rng_states_per_rank``; every rank takes part in a save) and each rank gets
+    its own back. ``rng_states`` (rank 0's) is what a single process saves and restores."""
 
     def __init__(self) -> None:
         self.states_to_restore: dict | None = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = rng_states()
+        states = rng_states()
+        checkpoint["rng_states"] = states
+        if trainer.world_size > 1:
+            every_rank = [None] * trainer.world_size
+            torch.distributed.all_gather_object(every_rank, states)
+            checkpoint["rng_states_per_rank"] = every_rank
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        self.states_to_restore = checkpoint.get("rng_states")
+        per_rank = checkpoint.get("rng_states_per_rank")
+        if per_rank is not None and len(per_rank) == trainer.world_size:
+            self.states_to_restore = per_rank[trainer.global_rank]
+        else:
+            self.states_to_restore = checkpoint.get("rng_states")
 
     def on_train_start(self, trainer, pl_module) -> None:
         # restored here, after setup and the sanity check have drawn whatever random numbers they draw
