@@ -25,7 +25,7 @@ def calibration(tmp_path):
 
 def test_select_heads_then_score_with_them(tiny_llama_dir, calibration, tmp_path, capsys):
     from lightning_lab.models.loading import load_causal_lm
-    from lightning_lab.rauq.heads import HeadSelection, load_heads
+    from lightning_lab.rauq.heads import HeadSelection, calibration_pairs, load_heads
     from lightning_lab.rauq.scoring import completion_attention
     from lightning_lab.sampling.prompts import encode_prompt
 
@@ -37,9 +37,8 @@ def test_select_heads_then_score_with_them(tiny_llama_dir, calibration, tmp_path
     assert heads.layers == [0, 1] and heads.alpha == 0.5 and heads.num_examples == 3  # a chat template: instruct
     # the same choice by hand over the same three pairs
     loaded = load_causal_lm(model, device="cpu", dtype="fp32")
-    rows = [(encode_prompt(loaded.tokenizer, json.loads(line)["prompt"]),
-             loaded.tokenizer(json.loads(line)["completion"], add_special_tokens=False)["input_ids"])
-            for line in calibration.read_text().splitlines()[:3]]
+    rows = [(encode_prompt(loaded.tokenizer, prompt), loaded.tokenizer(completion, add_special_tokens=False)["input_ids"])
+            for _, prompt, completion in calibration_pairs(calibration, "all", 3)]
     selection = HeadSelection(2, 4)
     for _, attention in completion_attention(loaded.model, [p for p, _ in rows], [c for _, c in rows]):
         selection.add(attention)

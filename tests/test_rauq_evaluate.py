@@ -50,7 +50,7 @@ def test_evaluate_writes_results_summary_trace_and_repairs(tiny_llama_dir, heads
     args = ["rauq", "evaluate", *common(tiny_llama_dir, heads), "--benchmark", str(problems), "--split", "all",
             "--scorer", "test_rauq_cli:label_by_id", "--trigger", "margin", "--threshold_type", "fixed", "--theta",
             "-1", "--stability_window", "3", "--max_repairs", "1", "--output_dir", str(tmp_path / "runs"), "--name",
-            "e", "--progress", "false", "--save_repairs", str(repairs), "--only_correct", "true"]
+            "e", "--progress", "false", "--save_repairs", str(repairs), "--only_correct", "true", "--uncertainty", "true"]
     assert lab(args) == 0
     run = tmp_path / "runs" / "e"
     lines = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()[1:]]
@@ -59,6 +59,10 @@ def test_evaluate_writes_results_summary_trace_and_repairs(tiny_llama_dir, heads
     assert [line["correct"] for line in lines] == [False, True, False, True]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["accuracy"] == 0.5 and summary["trigger_rate"] == 1.0 and summary["problems"] == 4
+    assert sorted(summary["auroc_wrong"]) == ["mean_entropy", "msp", "perplexity", "rauq_fixed", "rauq_lm_polygraph",
+                                               "rauq_paper", "rauq_running"]
+    msp = summary["auroc_wrong"]["msp"]
+    assert msp["items"] == 4 and msp["wrong"] == 2 and msp["low"] <= msp["auroc"] <= msp["high"]
     assert (run / "trace.png").stat().st_size > 0
     saved = [json.loads(line) for line in repairs.read_text().splitlines()]
     assert len(saved) == 2 and all(record["correct"] for record in saved)  # only the correct ones

@@ -12,7 +12,7 @@ import torch
 from lightning_lab.errors import UserError
 from lightning_lab.rauq.heads import HeadSelection, HeadsFile, load_heads
 from lightning_lab.rauq.scoring import (RunningScore, choose_heads, completion_attention, confidences, middle_layers,
-                                        previous_token_attention, score_sequence)
+                                        previous_token_attention, score_sequence, uncertainties)
 from lightning_lab.rauq.threshold import Threshold, fit_threshold, load_threshold
 
 
@@ -158,6 +158,13 @@ def test_lm_polygraph_convention_reproduces_the_reference_on_generate_step_atten
     batch = completion_attention(model, [[7, 7, 7, 7, 7, 7, 7, 1], prompt[0].tolist()],
                                  [[3, 4], sequence.tolist()], "lm-polygraph")
     assert torch.allclose(batch[1][1][..., 1:], attention[..., 1:], atol=1e-6)
+    # the sequence-level uncertainties of the same completion, from one pass
+    values = uncertainties(model, prompt[0].tolist(), sequence.tolist(), 0.2, heads={2: 0, 3: 1})
+    assert values["rauq_lm_polygraph"] == pytest.approx(expected, rel=1e-5)
+    assert values["rauq_paper"] == pytest.approx(score_sequence(logprobs, paper, 0.2).score, rel=1e-6)
+    assert values["rauq_fixed"] == pytest.approx(score_sequence(logprobs, paper, 0.2, heads={2: 0, 3: 1}).score)
+    assert values["msp"] == pytest.approx(-float(logprobs.sum()), rel=1e-5)
+    assert values["perplexity"] == pytest.approx(math.exp(-float(logprobs.mean())), rel=1e-5)
 
 
 def test_head_selection_pools_completion_tokens():
@@ -188,6 +195,16 @@ def test_heads_file_round_trip_and_refusals(tmp_path):
     broken.write_text('{"heads": {"2": 1}}')
     with pytest.raises(UserError, match="broken.json: not a heads file"):
         load_heads(broken)
+
+
+def test_auroc_interval_brackets_the_auroc_and_says_when_one_class_is_missing():
+    from lightning_lab.rauq.threshold import auroc_interval
+
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9, 0.7, 0.3])
+    wrong = np.array([0, 0, 1, 1, 0, 1, 1, 0], dtype=bool)
+    result = auroc_interval(scores, wrong, resamples=200)
+    assert result["auroc"] == pytest.approx(15 / 16) and result["low"] <= 15 / 16 <= result["high"] <= 1.0
+    assert auroc_interval(scores, np.zeros(8, dtype=bool))["auroc"] is None
 
 
 def test_fit_threshold_cuts_at_youden_j_and_refuses_one_class(tmp_path):

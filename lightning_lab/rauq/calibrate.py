@@ -26,6 +26,7 @@ from lightning_lab.rauq.controller import TRIGGERS, signal
 from lightning_lab.rauq.scoring import CONVENTIONS, RunningScore, default_alpha
 
 SCORERS = ("exact", "numeric", "gsm8k", "math", "code")  # eval.metrics.score's names; or module:function
+FILE_SPLITS = ("all", "dev", "test")  # what a local file offers (data/benchmarks.py)
 
 
 @dataclass
@@ -141,8 +142,10 @@ def run_score(config: ScoreConfig) -> int:
 class SelectHeadsConfig(ModelOptions):
     calibration: str = ""
     """prompt + completion pairs (JSONL or TSV; GSM8K/MATH records use their full solution)"""
+    split: str = "all"
+    """all, or the dev or test half of the file (data/benchmarks.py): keep calibration and evaluation apart"""
     num_examples: int = 512
-    """the first this many pairs are used"""
+    """pairs used (a fixed seed-0 choice from the split)"""
     output: str = ""
     """heads file (JSON) to write"""
     convention: str = "paper"
@@ -155,6 +158,7 @@ class SelectHeadsConfig(ModelOptions):
         check_input_file("calibration", self.calibration)
         check_output("output", self.output)
         check_count("num_examples", self.num_examples)
+        check_choice("split", self.split, FILE_SPLITS)
         check_choice("convention", self.convention, CONVENTIONS)
         check_count("batch_size", self.batch_size)
 
@@ -164,7 +168,7 @@ def run_select_heads(config: SelectHeadsConfig) -> int:
     from lightning_lab.rauq.heads import HeadSelection, HeadsFile, calibration_pairs, file_hash
     from lightning_lab.rauq.scoring import completion_attention, middle_layers
 
-    pairs = calibration_pairs(config.calibration)[:config.num_examples]
+    pairs = calibration_pairs(config.calibration, config.split, config.num_examples)
     loaded, alpha = config.load()
     model_config = pretrained_model(loaded.model).config.get_text_config(decoder=True)
     num_layers, num_heads = model_config.num_hidden_layers, model_config.num_attention_heads
@@ -195,8 +199,10 @@ class FitThresholdConfig(ModelOptions):
     """calibration problems with references (gsm8k JSONL, MATH JSONL, pairs JSONL/TSV)"""
     heads: str = ""
     """heads file from `lab rauq select-heads`"""
+    split: str = "all"
+    """all, or the dev or test half of the file (data/benchmarks.py): keep calibration and evaluation apart"""
     num_examples: int = 512
-    """most calibration problems decoded"""
+    """most calibration problems decoded (a fixed seed-0 choice from the split)"""
     max_samples: int = 2048
     """most tokens (unit token) or outputs (unit sequence) fitted on"""
     trigger: str = "rauq"
@@ -219,6 +225,7 @@ class FitThresholdConfig(ModelOptions):
         check_output("output", self.output)
         for key in ("num_examples", "max_samples", "max_new_tokens", "batch_size"):
             check_count(key, getattr(self, key))
+        check_choice("split", self.split, FILE_SPLITS)
         check_choice("unit", self.unit, ("token", "sequence"))
         check_choice("trigger", self.trigger, TRIGGERS)
         labeller(self.scorer)
@@ -238,7 +245,7 @@ def run_fit_threshold(config: FitThresholdConfig) -> int:
     from lightning_lab.rauq.threshold import Threshold, fit_threshold
     from lightning_lab.sampling.sampler import Sampler
 
-    samples = load_benchmark(config.calibration, split="all")[:config.num_examples]
+    samples = load_benchmark(config.calibration, split=config.split, limit=config.num_examples)
     label = labeller(config.scorer)
     loaded, alpha = config.load()
     heads = heads_for(config.heads, loaded)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_lab.data.benchmarks import SPLITS
 from lightning_lab.errors import UserError
 from lightning_lab.loops import LoopConfig, LoopRun, check_choice, check_count, check_input_file, engine_info
 from lightning_lab.rauq.calibrate import ModelOptions, check_output, labeller
@@ -153,10 +154,14 @@ class EvaluateConfig(ControllerOptions, LoopConfig):
     """keep repairs whose completion has at most this many tokens"""
     only_correct: bool = False
     """keep repairs of correct answers only"""
+    uncertainty: bool = False
+    """also score each final completion teacher-forced (RAUQ in both conventions, mean entropy, MSP, perplexity)
+    and report each one's AUROC for wrong answers, with bootstrap intervals"""
 
     def __post_init__(self) -> None:
         LoopConfig.__post_init__(self)
         ControllerOptions.__post_init__(self)
+        check_choice("split", self.split, SPLITS)
         labeller(self.scorer)
         if self.limit is not None:
             check_count("limit", self.limit)
@@ -187,13 +192,19 @@ def repair_records(sample, out, correct: bool, tokenizer) -> list[dict]:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Accuracy, accuracy per 1000 generated tokens, mean tokens, trigger rate, latency of result lines."""
+    """Accuracy, accuracy per 1000 generated tokens, mean tokens, trigger rate, latency of result lines, and the
+    AUROC of each recorded uncertainty for wrong answers."""
     from lightning_lab.eval.metrics import latency_stats
+    from lightning_lab.rauq.threshold import auroc_interval
 
     count = len(records)
     correct = sum(r["correct"] for r in records)
     tokens = sum(r["num_tokens"] for r in records)
-    return {"problems": count, "accuracy": correct / count, "accuracy_per_1k_tokens": 1000 * correct / max(tokens, 1),
+    scored = [r for r in records if r.get("uncertainty")]
+    names = sorted({name for r in scored for name, value in r["uncertainty"].items() if value is not None})
+    auroc = {name: auroc_interval([r["uncertainty"][name] for r in scored], [not r["correct"] for r in scored])
+             for name in names if all(r["uncertainty"].get(name) is not None for r in scored)}
+    return {**({"auroc_wrong": auroc} if auroc else {}), "problems": count, "accuracy": correct / count, "accuracy_per_1k_tokens": 1000 * correct / max(tokens, 1),
             "mean_tokens": tokens / count, "mean_extra_tokens": sum(r["extra_tokens"] for r in records) / count,
             "trigger_rate": sum(r["triggers"] > 0 for r in records) / count,
             "triggers_per_problem": sum(r["triggers"] for r in records) / count,
@@ -203,6 +214,7 @@ def summarize(records: list[dict]) -> dict:
 def run_evaluate(config: EvaluateConfig) -> int:
     from lightning_lab.data.benchmarks import load_benchmark
     from lightning_lab.data.io import write_json_atomic
+    from lightning_lab.rauq.scoring import uncertainties
 
     samples = load_benchmark(config.benchmark, split=config.split, limit=config.limit)
     label = labeller(config.scorer)
@@ -219,7 +231,12 @@ def run_evaluate(config: EvaluateConfig) -> int:
                     continue
                 out = controller.generate(sample.prompt)
                 correct = label(out.completion, sample)
-                run.write(problem_record(sample, out, correct))
+                record = problem_record(sample, out, correct)
+                if config.uncertainty:
+                    record["uncertainty"] = {"rauq_running": out.rauq_scores[-1], **uncertainties(
+                        loaded.model, controller.sampler.encode(sample.prompt), out.token_ids, alpha,
+                        controller.scorer.heads if controller.scorer else None)}
+                run.write(record)
                 if traced is None and out.trigger_events:
                     traced = plot_trace(out, controller.threshold, run.directory / "trace.png", title=sample.id)
                 for record in repair_records(sample, out, correct, loaded.tokenizer) if repairs else []:

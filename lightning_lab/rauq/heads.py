@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_lab.data.benchmarks import read_samples
+from lightning_lab.data.benchmarks import load_benchmark
 from lightning_lab.data.io import DataError, write_json_atomic
 from lightning_lab.rauq.scoring import check_convention
 
@@ -115,9 +115,10 @@ def load_heads(path: str | os.PathLike, model: str | None = None, num_layers: in
 
 
 
-def calibration_pairs(path: str | os.PathLike) -> list[tuple[str, str, str]]:
-    """(id, prompt, completion) of each pair of a JSONL or TSV calibration file (`data.benchmarks.read_samples`: an empty
-    prompt or completion is a `DataError` naming file:line). A GSM8K or MATH record's completion is its full
-    solution, any other record's its completion/reference/target/answer."""
+def calibration_pairs(path: str | os.PathLike, split: str = "all", limit: int | None = None) -> list[tuple[str, str, str]]:
+    """(id, prompt, completion) of the pairs of a JSONL or TSV calibration file (`data.benchmarks.load_benchmark`:
+    ``split`` all, or its dev or test half; ``limit`` a fixed seed-0 choice; an empty prompt or completion is a
+    `DataError` naming file:line). A GSM8K or MATH record's completion is its full solution, any other record's
+    its completion/reference/target/answer."""
     return [(sample.id, sample.prompt, sample.metadata.get("solution", sample.reference))
-            for sample in read_samples(path)]
+            for sample in load_benchmark(path, split=split, limit=limit)]

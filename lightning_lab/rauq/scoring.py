@@ -189,3 +189,28 @@ def completion_attention(model: torch.nn.Module, prompt_ids: Sequence[Sequence[i
             attention = scores.attention[row, :, :length].double()
         rows.append((scores.logprobs[row, :length].double(), attention.reshape(layers, heads, length)))
     return rows
+
+
+def uncertainties(model: torch.nn.Module, prompt_ids: Sequence[int], completion_ids: Sequence[int], alpha: float,
+                  heads: dict[int, int] | None = None) -> dict[str, float]:
+    """Sequence-level uncertainty of one completion from one teacher-forced pass (higher = less sure): RAUQ in
+    both conventions with heads chosen per sequence (and ``rauq_fixed`` with `heads`, the paper's reading),
+    the mean token entropy, MSP (-log of the sequence's probability, LM-Polygraph's MaximumSequenceProbability)
+    and perplexity."""
+    from lightning_lab.models.scoring import pretrained_model, score
+
+    config = pretrained_model(model).config.get_text_config(decoder=True)
+    layers, per_layer = config.num_hidden_layers, config.num_attention_heads
+    scores = score(model, [list(prompt_ids)], [list(completion_ids)], heads="all", attention_rows=True, entropy=True)
+    length = len(completion_ids)
+    logprobs = scores.logprobs[0, :length].double()
+    rows = scores.attention_rows[0, :, :length].reshape(layers, per_layer, length, -1)
+    result = {}
+    for convention in CONVENTIONS:
+        attention = previous_token_attention(rows, len(prompt_ids), convention)
+        result[f"rauq_{convention.replace('-', '_')}"] = score_sequence(logprobs, attention, alpha, convention).score
+        if heads is not None and convention == "paper":
+            result["rauq_fixed"] = score_sequence(logprobs, attention, alpha, heads=heads).score
+    nll = -float(logprobs.sum())
+    result.update(mean_entropy=float(scores.entropy[0, :length].mean()), msp=nll, perplexity=math.exp(nll / length))
+    return result

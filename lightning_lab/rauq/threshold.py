@@ -95,3 +95,22 @@ def fit_threshold(scores: np.ndarray, wrong: np.ndarray) -> dict:
     return {"theta": theta, "coef": float(regression.coef_[0, 0]), "intercept": float(regression.intercept_[0]),
             "auroc": float(roc_auc_score(wrong, scores)), "youden_j": float(true_positive[best] - false_positive[best]),
             "num_samples": len(scores), "num_wrong": num_wrong}
+
+
+def auroc_interval(scores, wrong, resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """AUROC of `scores` for predicting `wrong`, with a percentile bootstrap interval over items (scipy's
+    `stats.bootstrap`, paired: an item's score and label are drawn together); None where one class is missing."""
+    from scipy import stats
+    from sklearn.metrics import roc_auc_score
+
+    scores, wrong = np.asarray(scores, dtype=np.float64), np.asarray(wrong, dtype=bool)
+    if wrong.all() or not wrong.any():
+        return {"auroc": None, "low": None, "high": None, "items": len(wrong), "wrong": int(wrong.sum())}
+
+    def statistic(s, w):
+        return roc_auc_score(w, s) if 0 < w.sum() < len(w) else 0.5  # a resample of one class: no information
+
+    result = stats.bootstrap((scores, wrong), statistic, paired=True, vectorized=False, n_resamples=resamples,
+                             confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    return {"auroc": float(roc_auc_score(wrong, scores)), "low": float(result.confidence_interval.low),
+            "high": float(result.confidence_interval.high), "items": len(wrong), "wrong": int(wrong.sum())}
