@@ -85,6 +85,23 @@ def test_parse_curation_json_list_and_lines():
     ("A reading far above the other sensors marks the anomaly.", IOT, True),
     ("Answer with the value rounded to 1 decimal.", FINANCE, True),  # a number is specific
     ("Watch out for the trick in this kind of question, it is subtle.", IOT, False),
+    ("The correct answer is 10800 for this one.", FINANCE, False),  # a verdict on one reply, not a rule
+    ("The model's answer is wrong about the revenue.", FINANCE, False),
 ])
 def test_generic_lessons_are_filtered(lesson, item, specific):
     assert is_specific(lesson, item) is specific
+
+
+@pytest.mark.parametrize("lesson, item, leaks", [
+    ("The answer is 12.5 for this table.", FINANCE, True),
+    ("Percent change (450 - 400) / 400 gives 12.50 percent.", FINANCE, True),
+    ("Percent change divides by the earlier year's revenue.", FINANCE, False),
+    ("The faulty sensor here is T3, far above the rest.", IOT, True),
+    ("The faulty sensor reads far above the rest.", IOT, False),
+    ("For 'Answer anomaly or normal' questions, a reading far above the rest is an anomaly.",
+     Item("i2", "Is there an anomaly? Answer anomaly or normal.", "anomaly", "", "iot"), False),  # named by the question
+])
+def test_lessons_that_state_the_gold_answer_are_caught(lesson, item, leaks):
+    from lightning_lab.ace.roles import leaks_answer
+
+    assert leaks_answer(lesson, item) is leaks

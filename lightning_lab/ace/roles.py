@@ -7,15 +7,19 @@
   neutral and proposes lessons.
 - Curator: turns lessons into `Delta` operations (ADD / UPDATE / REMOVE) that `Playbook.apply` merges.
 
-Every role asks for JSON, and every parser accepts less: JSON inside prose or a code fence, single
-quotes, trailing commas, unquoted keys, Python literals, a reply cut off before its closing braces
-(`parse_json_lenient`), and then a line format (``Answer: ...``, ``str-00001: helpful``, ``ADD
-[section]: ...``). Output from which nothing can be read is returned as such (``parsed=False``) for the
-caller to count and skip; no parser raises on model output.
+Each role asks for a short line format (``Answer: ...``, ``Lesson: ...``, ``str-00001: helpful``, ``ADD
+[section]: ...``), and the runner primes the reply with its first label (``Reasoning:``, ``Diagnosis:``):
+asked for JSON, SmolLM2-135M wrote a sentence of prose instead (tried on tatqa_tiny). Every parser also
+reads JSON, the format of stronger models and of the ACE reference code, and reads it leniently: JSON
+inside prose or a code fence, single quotes, trailing commas, unquoted keys, Python literals, a reply cut
+off before its closing braces (`parse_json_lenient`). Output from which nothing can be read is returned
+as such (``parsed=False``) for the caller to count and skip; no parser raises on model output.
 
 Lessons pass `is_specific` first: a lesson must name something of the item's domain or error (a
 number, a term of the domain, a word of the question, context or answer); advice that fits any
-question ("double-check your work") is dropped.
+question ("double-check your work") and a verdict on one reply ("the correct answer is 10800") are
+dropped, and so is a lesson that states the item's gold answer
+(`leaks_answer`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 
 from lightning_lab.ace.playbook import ENTRY_ID, TAGS, Delta, Entry, Playbook, section_name
 from lightning_lab.ace.tasks import Item, extract_answer
+from lightning_lab.eval.metrics import NUMBER, normalize_text, numeric_equal, parse_number
 
 # Words that make advice sound concrete without naming anything: never evidence of a specific lesson.
 GENERIC_WORDS = frozenset("""
@@ -52,6 +57,8 @@ DOMAIN_TERMS = {
             "twice times remaining left",
 }
 WORD = re.compile(r"[a-z][a-z0-9\-]+")
+# "The correct answer is 10800.", "The model's answer is wrong.": a verdict on one reply, not a rule
+VERDICT = re.compile(r"\banswer\s+(?:is|was|should\s+be)\b|\bthe\s+model\b", re.IGNORECASE)
 
 
 # ---- lenient JSON -------------------------------------------------------------------------------
@@ -172,8 +179,6 @@ class Reflection:
 
 def feedback(item: Item, answer: Answer) -> str:
     """What can be said of an output without the gold answer: its form. Empty when nothing is wrong."""
-    from lightning_lab.eval.metrics import parse_number
-
     if not answer.parsed:
         return "The reply has no 'Answer:' line."
     if parse_number(item.answer) is not None and parse_number(answer.answer) is None \
@@ -194,9 +199,9 @@ def reflector_prompt(item: Item, answer: Answer, used: list[Entry], ground_truth
         parts.append("Feedback: " + (feedback(item, answer) or "the reply is well formed; its correctness is unknown."))
     if used:
         parts.append("Playbook bullets the model used:\n" + "\n".join(entry.render() for entry in used))
-    parts.append('Reply with JSON only: {"diagnosis": "<what went wrong or right, and why>", '
-                 '"bullet_tags": {"<id>": "helpful|harmful|neutral"}, '
-                 '"lessons": ["<a specific rule for questions like this one>"]}')
+    parts.append("Reply in this format:\nDiagnosis: <what went wrong or right, and why>\n"
+                 "Lesson: <one specific rule for questions like this one>"
+                 + ("\nBullet tags: <id> helpful|harmful|neutral, for each bullet the model used" if used else ""))
     return "\n\n".join(parts)
 
 
@@ -220,7 +225,8 @@ def parse_reflection(output: str, shown_ids: list[str]) -> Reflection:
     lessons = [str(lesson).strip() for lesson in lessons if str(lesson).strip()]
     if not record:
         lessons += [m.strip() for m in re.findall(r"(?im)^\s*(?:[-*]\s*)?lesson\s*\d*\s*:\s*(.+)$", output)]
-        diagnosis = diagnosis or next((line.strip() for line in output.splitlines() if line.strip()), "")
+        stated = re.search(r"(?im)^\s*diagnosis\s*:\s*(.+)$", output)
+        diagnosis = stated.group(1).strip() if stated else ""
     parsed = bool(record) or bool(tags) or bool(lessons)
     return Reflection(output, diagnosis, tags, list(dict.fromkeys(lessons)), parsed)
 
@@ -228,7 +234,7 @@ def parse_reflection(output: str, shown_ids: list[str]) -> Reflection:
 def is_specific(lesson: str, item: Item) -> bool:
     """A lesson names something of the item's domain or error (module docstring); 4-60 words."""
     words = WORD.findall(lesson.lower())
-    if not 4 <= len(lesson.split()) <= 60:
+    if not 4 <= len(lesson.split()) <= 60 or VERDICT.search(lesson):
         return False
     if re.search(r"\d", lesson):
         return True
@@ -236,6 +242,18 @@ def is_specific(lesson: str, item: Item) -> bool:
     item_words = set(WORD.findall(f"{item.question} {item.context} {item.answer}".lower()))
     domain_words = set(DOMAIN_TERMS.get(item.domain, "").split())
     return bool(meaningful & (item_words | domain_words))
+
+
+def leaks_answer(lesson: str, item: Item) -> bool:
+    """The lesson states the item's gold answer (a number equal to it, or its words) where the question
+    does not: it would teach that item's answer, not a rule, and in online epochs over the same items put
+    the answer into the next epoch's prompt."""
+    gold = normalize_text(item.answer)
+    if parse_number(item.answer) is not None:
+        return any(numeric_equal(number.replace(",", "").replace("$", ""), item.answer)
+                   for number in NUMBER.findall(lesson))
+    return bool(gold) and f" {gold} " in f" {normalize_text(lesson)} " \
+        and f" {gold} " not in f" {normalize_text(item.question)} "
 
 
 # ---- curator ------------------------------------------------------------------------------------
@@ -253,9 +271,9 @@ def curator_prompt(item: Item, lessons: list[str], related: list[Entry], playboo
     parts = [f"You maintain a playbook of lessons for {item.domain or 'these'} questions."]
     parts.append("Related playbook bullets:\n" + (playbook.render(related) if related else "(none yet)"))
     parts.append("New lessons:\n" + "\n".join(f"- {lesson}" for lesson in lessons))
-    parts.append('Reply with JSON only: {"operations": [{"op": "ADD", "section": "<strategies|formulas|'
-                 'mistakes>", "content": "<lesson>"}, {"op": "UPDATE", "id": "<id>", "content": "<better wording>"}, '
-                 '{"op": "REMOVE", "id": "<id of a wrong bullet>"}]}. Add only what the playbook lacks.')
+    parts.append("Reply with one operation per line, adding only what the playbook lacks:\n"
+                 "ADD [strategies|formulas|mistakes]: <lesson>\nUPDATE <id>: <better wording>\n"
+                 "REMOVE <id of a wrong bullet>")
     return "\n\n".join(parts)
 
 

@@ -1,0 +1,603 @@
+"""ACE loops: `lab ace run` (one pass, baseline or ACE) and `lab ace epochs` (baseline, then ACE epochs).
+
+A pass goes through items in batches of ``batch_size``. For each batch the generator answers every item
+with the playbook bullets retrieved for it (none in baseline mode); those answers are the predictions
+that are scored and written. In ACE mode the reflector then reviews every ``reflect_every``-th item
+(up to ``reflection_rounds`` rounds: reflect, regenerate with the reflection, stop once correct; without
+ground truth, once the output's form is right), its tags update the used bullets' counters (a used
+bullet the reflector did not tag counts as helpful when the answer was correct and harmful when it was
+wrong; without ground truth as neutral), its specific lessons go to the curator, whose operations for
+the whole batch are merged by `Playbook.apply`; the playbook is saved after every batch. So in `run`
+and in online epochs each item is predicted before the playbook learns from it.
+
+`epochs`: epoch 0 is the baseline. Offline (default), the items are split by seed into train / val /
+test; each ACE epoch adapts the playbook on train, then scores it frozen on val and test; the playbook
+of the best val epoch is kept (``playbook_best.jsonl``) and reported. ``online=true``: each epoch is one
+ACE pass over all items, predicting each before updating on it. The summary gives, per epoch, the test
+accuracy with an exact McNemar p-value against epoch 0 on the same items, token F1, generation and
+reflection latency p50/p95/p99 and the playbook's size.
+
+A run writes ``runs/ace/<name>/`` (`lightning_lab.loops`): config.yaml, results.jsonl (one line per
+item and pass; a rerun with ``--resume true`` skips them and continues the saved playbook),
+_run_tracker/, the CSVs (one per pass; `run` also writes ``--output_path``), playbook.jsonl (or
+``--playbook_path``), and for epochs playbook_epoch<k>.jsonl, playbook_best.jsonl, epoch_summary.csv/.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+from collections import Counter
+
+import numpy as np
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning_lab.ace import roles
+from lightning_lab.ace.playbook import Delta, Playbook
+from lightning_lab.ace.tasks import Item, load_items, score_answer, task_path
+from lightning_lab.errors import UserError, check_new_output_file
+from lightning_lab.eval.metrics import latency_stats, token_f1
+from lightning_lab.loops import LoopConfig, LoopRun, check_choice, check_count, check_number, check_sampling
+
+# The seed's model names: each maps to its hub id (loaded from the local Hugging Face cache, or downloaded
+# only when the hub is reachable; offline and uncached, the load fails at once naming the alias).
+SEED_MODELS = {
+    "tiny-gpt2": "sshleifer/tiny-gpt2",
+    "phi3-mini": "microsoft/Phi-3-mini-4k-instruct",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B-Instruct",
+    "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B-Instruct",
+}
+CORE_COLUMNS = ["model_id", "task_name", "domain", "mode", "sample_id", "gold", "pred", "latency_ms"]
+EXTRA_COLUMNS = ["question", "context", "correct", "f1", "split", "bullets_used"]
+ACE_COLUMNS = ["reflection_latency_ms", "reflected", "epoch", "playbook_size"]
+GENERATOR_STOP = ("\nReasoning:", "\nQuestion:")  # a small model that answered starts the format over
+
+
+@dataclass
+class AceConfig(LoopConfig):
+    """What every ACE loop takes."""
+
+    output_dir: str = "runs/ace"
+    """runs go to <output_dir>/<name>/"""
+    model_id: str = "smollm2-135m"
+    """generator model: smollm2-135m, a seed alias (tiny-gpt2, phi3-mini, llama-3.2-1b, mistral-7b, llama-3-8b),
+    a hub id, a local HF directory, a .gguf or a lab .ckpt"""
+    reflector_model: str | None = None
+    """the reflector's and curator's model (default: the generator's)"""
+    task_name: str | None = None
+    """a registered task: tatqa_tiny | medqa_tiny | iot_tiny (or give dataset_path)"""
+    dataset_path: str | None = None
+    """a task file: the seed's JSON list of {id, question, answer, context, domain}, or a GSM8K/pairs JSONL"""
+    domain: str | None = None
+    """domain of the items (default: the task's, or each item's own)"""
+    limit: int | None = None
+    """use this many items, a fixed seeded subset (default: all)"""
+    seed: int = 0
+    """seed of the subset, the splits and sampling"""
+    batch_size: int = 8
+    """items answered per generate call; the playbook updates after each batch"""
+    top_k: int = 20
+    """playbook bullets retrieved (TF-IDF) into each generator prompt"""
+    token_budget: int = 600
+    """the playbook's rendered size, in generator tokens, is held at or under this"""
+    merge_threshold: float = 0.8
+    """TF-IDF cosine similarity at which two bullets are merged as near-duplicates"""
+    prune_below: int = -3
+    """a bullet whose helpful - harmful falls to this or lower is removed"""
+    reflection_rounds: int = 1
+    """reflect and regenerate up to this many rounds per item, stopping once correct"""
+    reflect_every: int = 1
+    """run the reflector on every n-th item of a pass"""
+    ground_truth: bool = True
+    """the reflector sees the gold answer; false (--no-ground-truth) gives it only feedback on the output's form"""
+    max_new_tokens: int = 160
+    """generator tokens per answer"""
+    reflector_max_new_tokens: int = 160
+    """reflector and curator tokens per call"""
+    temperature: float = 0.0
+    """sampling temperature of every role; 0 decodes greedily"""
+    top_p: float = 1.0
+    """nucleus sampling of every role (with temperature > 0)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.task_name is None) == (self.dataset_path is None):
+            raise UserError("task_name / dataset_path: give exactly one (--task_name tatqa_tiny, or "
+                            "--dataset_path FILE [--domain NAME])")
+        if self.limit is not None:
+            check_count("limit", self.limit)
+        for key in ("batch_size", "top_k", "token_budget", "reflection_rounds", "reflect_every", "max_new_tokens",
+                    "reflector_max_new_tokens"):
+            check_count(key, getattr(self, key))
+        check_number("merge_threshold", self.merge_threshold, 0.0, 1.0, low_open=True)
+        check_sampling(self.temperature, self.top_p)
+
+
+@dataclass
+class RunConfig(AceConfig):
+    """One pass over the items, baseline or ACE."""
+
+    mode: str = "baseline"
+    """baseline (no playbook) | ace (generator -> reflector -> curator, updating the playbook)"""
+    playbook_path: str | None = None
+    """the playbook to start from and to update (created if missing; default: <run>/playbook.jsonl)"""
+    output_path: str | None = None
+    """also write the result CSV here (a new file)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("mode", self.mode, ("baseline", "ace"))
+        if self.output_path is not None and not self.resume:
+            check_new_output_file(self.output_path, "output_path")
+
+
+@dataclass
+class EpochsConfig(AceConfig):
+    """Epoch 0 baseline, then ACE epochs: offline (train/val/test) or online."""
+
+    epochs: int = 3
+    """ACE epochs after the baseline epoch 0"""
+    online: bool = False
+    """each epoch predicts every item before updating on it (no splits)"""
+    train_fraction: float = 0.5
+    """offline: the share of items the playbook adapts on"""
+    val_fraction: float = 0.25
+    """offline: the share that picks the best epoch's playbook; the rest is the test split"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count("epochs", self.epochs)
+        check_number("train_fraction", self.train_fraction, 0.0, 1.0, low_open=True)
+        check_number("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True)
+        if self.train_fraction + self.val_fraction >= 1.0:
+            raise UserError(f"train_fraction + val_fraction must leave a test split; got "
+                            f"{self.train_fraction} + {self.val_fraction}")
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+
+def task_items(config: AceConfig) -> tuple[str, list[Item]]:
+    """The task's name and its items (domain filled in, the seeded subset of `limit`)."""
+    if config.task_name is not None:
+        path, domain = task_path(config.task_name)
+        name = config.task_name
+    else:
+        path, domain, name = Path(config.dataset_path), None, Path(config.dataset_path).stem
+    items = load_items(path, config.domain or domain)
+    if config.limit is not None and config.limit < len(items):
+        keep = sorted(random.Random(config.seed).sample(range(len(items)), config.limit))
+        items = [items[i] for i in keep]
+    return name, items
+
+
+def split_items(items: list[Item], config: EpochsConfig) -> dict[str, list[Item]]:
+    """Disjoint train / val / test splits by a seeded shuffle of the ids (each keeps file order)."""
+    if len(items) < 3:
+        raise UserError(f"epochs: offline needs at least 3 items for train/val/test, got {len(items)} "
+                        "(raise --limit, or pass --online true)")
+    ids = sorted(item.id for item in items)
+    random.Random(config.seed).shuffle(ids)
+    n_train = max(1, round(len(ids) * config.train_fraction))
+    n_val = max(1, min(len(ids) - n_train - 1, round(len(ids) * config.val_fraction)))
+    part = {i: "train" for i in ids[:n_train]} | {i: "val" for i in ids[n_train:n_train + n_val]}
+    return {split: [item for item in items if part.get(item.id, "test") == split] for split in ("train", "val", "test")}
+
+
+def load_model(model_id: str, device: str, dtype: str):
+    """`load_causal_lm` of a model id, the seed's aliases mapped to hub ids; a failed load names the alias."""
+    from lightning_lab.models.loading import ModelLoadError, load_causal_lm
+
+    hub_id = SEED_MODELS.get(model_id)
+    try:
+        return load_causal_lm(hub_id or model_id, device=device, dtype=dtype)
+    except ModelLoadError as error:
+        if hub_id is None:
+            raise
+        raise ModelLoadError(f"model_id {model_id!r} (the seed's alias of {hub_id}): {error}") from None
+
+
+# ---- roles on the sampler ------------------------------------------------------------------------
+
+
+@dataclass
+class Roles:
+    """The samplers and decoding settings of the three roles."""
+
+    generator: object  # Sampler
+    reflector: object  # Sampler (the generator's when no reflector_model is given)
+    config: AceConfig
+
+    def _call(self, sampler, prompts: list[str], max_new_tokens: int, primes: list[str],
+              stop: tuple[str, ...] = ()) -> list[tuple[str, float]]:
+        """One batched generate; reply i starts with ``primes[i]`` (written after the chat template's assistant
+        turn, so the model continues the asked format) and is returned with it."""
+        if not prompts:
+            return []
+        config = self.config
+        tokenizer = sampler.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                   add_generation_prompt=True) + prime
+                     for prompt, prime in zip(prompts, primes)]
+        else:
+            texts = [f"{prompt}\n\n{prime}" for prompt, prime in zip(prompts, primes)]
+        out = sampler.generate(texts, n=1, max_new_tokens=max_new_tokens, temperature=config.temperature,
+                               top_p=config.top_p, greedy=config.temperature == 0, seed=config.seed,
+                               stop=list(stop), chat=False, batch_size=len(prompts))
+        return [(prime + result.completions[0].text, result.completions[0].seconds)
+                for prime, result in zip(primes, out.prompts)]
+
+    def answer(self, items: list[Item], views: list[list], playbook: Playbook,
+               reflections: list[str] | None = None) -> list[roles.Answer]:
+        prompts = [roles.generator_prompt(item, playbook.render(view), reflection)
+                   for item, view, reflection in zip(items, views, reflections or [""] * len(items))]
+        answers = []
+        replies = self._call(self.generator, prompts, self.config.max_new_tokens, ["Reasoning:"] * len(prompts),
+                             GENERATOR_STOP)
+        for item, view, (text, seconds) in zip(items, views, replies):
+            answer = roles.parse_answer(text, item, [entry.id for entry in view])
+            answer.seconds = seconds
+            answers.append(answer)
+        return answers
+
+    def reflect(self, items: list[Item], answers: list[roles.Answer], used: list[list], correct: list[bool]
+                ) -> list[roles.Reflection]:
+        """The reply is written one labelled line at a time (Diagnosis, Lesson, and Bullet tags where bullets
+        were used), each call continuing the last: a small model asked for all three at once writes the first
+        and then rambles (SmolLM2-135M on tatqa_tiny wrote no Lesson line in 8 of 8 replies)."""
+        prompts = [roles.reflector_prompt(item, answer, entries, self.config.ground_truth, ok)
+                   for item, answer, entries, ok in zip(items, answers, used, correct)]
+        texts, seconds = [""] * len(prompts), [0.0] * len(prompts)
+        for label in ("Diagnosis:", "\nLesson:", "\nBullet tags:"):
+            rows = [j for j in range(len(prompts)) if label != "\nBullet tags:" or used[j]]
+            replies = self._call(self.reflector, [prompts[j] for j in rows], self.config.reflector_max_new_tokens,
+                                 [texts[j] + label for j in rows], stop=("\n",))
+            for j, (text, spent) in zip(rows, replies):
+                texts[j], seconds[j] = text, seconds[j] + spent
+        reflections = []
+        for entries, text, spent in zip(used, texts, seconds):
+            reflection = roles.parse_reflection(text, [entry.id for entry in entries])
+            reflection.seconds = spent
+            reflections.append(reflection)
+        return reflections
+
+    def curate(self, items: list[Item], lessons: list[list[str]], playbook: Playbook) -> list[roles.Curation]:
+        prompts = [roles.curator_prompt(item, item_lessons, playbook.retrieve(" ".join(item_lessons), 5), playbook)
+                   for item, item_lessons in zip(items, lessons)]
+        curations = []
+        for text, seconds in self._call(self.reflector, prompts, self.config.reflector_max_new_tokens,
+                                        [""] * len(prompts)):
+            curation = roles.parse_curation(text)
+            curation.seconds = seconds
+            curations.append(curation)
+        return curations
+
+
+# ---- one pass ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pass:
+    """One pass over items: its key in results.jsonl, what it does, and where its CSV goes."""
+
+    name: str  # e.g. "epoch1/train"
+    items: list[Item]
+    mode: str  # baseline | ace
+    learn: bool  # update the playbook (ACE mode only)
+    split: str
+    epoch: int | None
+    csv_path: Path
+
+
+def is_ok(item: Item, answer: roles.Answer, ground_truth: bool) -> bool:
+    """Correct (with ground truth), or without it: an output whose form draws no feedback."""
+    return score_answer(answer.answer, item.answer) if ground_truth else not roles.feedback(item, answer)
+
+
+def run_pass(run: LoopRun, roles_: Roles, playbook: Playbook, save_playbook, step: Pass, meta: dict,
+             stats: Counter) -> list[dict]:
+    """Answer (and in ACE mode learn from) the items of `step` not yet in results.jsonl; returns all its rows."""
+    config = roles_.config
+    done = run.done
+    for start in range(0, len(step.items), config.batch_size):
+        batch = [(start + offset, item) for offset, item in enumerate(step.items[start:start + config.batch_size])
+                 if f"{step.name}/{item.id}" not in done]
+        if not batch:
+            continue
+        indices, items = [index for index, _ in batch], [item for _, item in batch]
+        views = [playbook.retrieve(f"{item.question} {item.context}", config.top_k) if step.mode == "ace" else []
+                 for item in items]
+        size = len(playbook) if step.mode == "ace" else 0
+        answers = roles_.answer(items, views, playbook)
+        stats["generator_unparsed"] += sum(not answer.parsed for answer in answers)
+        reflect_seconds = [0.0] * len(items)
+        reflections: list[str | None] = [None] * len(items)
+        if step.learn:
+            chosen = [j for j, index in enumerate(indices) if index % config.reflect_every == 0]
+            seconds, texts = learn_from_batch(roles_, playbook, [items[j] for j in chosen],
+                                              [answers[j] for j in chosen], [views[j] for j in chosen], stats)
+            save_playbook()
+            for j, spent, text in zip(chosen, seconds, texts):
+                reflect_seconds[j], reflections[j] = spent, text
+        for j, item in enumerate(items):
+            answer = answers[j]
+            run.write({"id": f"{step.name}/{item.id}", "pass": step.name, **meta, "domain": item.domain,
+                       "mode": step.mode, "sample_id": item.id, "gold": item.answer, "pred": answer.answer,
+                       "latency_ms": round(answer.seconds * 1000, 1), "question": item.question,
+                       "context": item.context, "correct": score_answer(answer.answer, item.answer),
+                       "f1": round(token_f1(answer.answer, item.answer), 4), "split": step.split,
+                       "bullets_used": " ".join(answer.bullet_ids),
+                       "reflection_latency_ms": round(reflect_seconds[j] * 1000, 1),
+                       "reflected": reflections[j] is not None, "epoch": step.epoch, "playbook_size": size,
+                       "output": answer.output, "reflection": reflections[j]})
+    rows = pass_rows(run, step.name)
+    write_csv(step.csv_path, rows, ace=step.mode == "ace" or step.epoch is not None)
+    return rows
+
+
+def learn_from_batch(roles_: Roles, playbook: Playbook, items: list[Item], answers: list[roles.Answer],
+                     views: list[list], stats: Counter) -> tuple[list[float], list[str]]:
+    """Reflect (rounds), tag the used bullets, curate the specific lessons, merge all deltas of the batch.
+    Returns each item's reflection + regeneration + curation seconds, and its first reflection's text."""
+    config = roles_.config
+    seconds = [0.0] * len(items)
+    texts = [""] * len(items)
+    used = [[entry for entry in view if entry.id in answer.bullet_ids] for view, answer in zip(views, answers)]
+    first_correct = [score_answer(answer.answer, item.answer) for item, answer in zip(items, answers)]
+    lessons: list[list[str]] = [[] for _ in items]
+    tags: dict[str, str] = {}
+    current, pending = list(answers), list(range(len(items)))
+    for round_ in range(config.reflection_rounds):
+        reflections = roles_.reflect([items[j] for j in pending], [current[j] for j in pending],
+                                     [used[j] if round_ == 0 else [] for j in pending],
+                                     [score_answer(current[j].answer, items[j].answer) for j in pending])
+        retry = []
+        for j, reflection in zip(pending, reflections):
+            seconds[j] += reflection.seconds
+            texts[j] = texts[j] or reflection.output
+            stats["reflections"] += 1
+            stats["reflection_unparsed"] += not reflection.parsed
+            lessons[j] += reflection.lessons
+            if round_ == 0:
+                for entry in used[j]:
+                    tag = reflection.tags.get(entry.id)
+                    if tag is None:
+                        tag = ("helpful" if first_correct[j] else "harmful") if config.ground_truth else "neutral"
+                        stats["tags_from_outcome"] += 1
+                    else:
+                        stats["tags_from_reflector"] += 1
+                    tags[entry.id] = tag if entry.id not in tags or tags[entry.id] == tag else "neutral"
+            if not is_ok(items[j], current[j], config.ground_truth):
+                retry.append((j, reflection.diagnosis or reflection.output.strip()[:600]))
+        if not retry:
+            break
+        regenerated = roles_.answer([items[j] for j, _ in retry], [views[j] for j, _ in retry], playbook,
+                                    [diagnosis for _, diagnosis in retry])
+        stats["regenerations"] += len(retry)
+        pending = []
+        for (j, _), answer in zip(retry, regenerated):
+            seconds[j] += answer.seconds
+            current[j] = answer
+            if is_ok(items[j], answer, config.ground_truth):
+                stats["fixed_by_reflection"] += 1
+            else:
+                pending.append(j)
+        if not pending:
+            break
+    playbook.tag(tags)
+    specific = []
+    for item, item_lessons in zip(items, lessons):
+        unique = list(dict.fromkeys(item_lessons))
+        specific_ = [lesson for lesson in unique if roles.is_specific(lesson, item)]
+        kept = [lesson for lesson in specific_ if not roles.leaks_answer(lesson, item)]
+        stats["lessons"] += len(kept)
+        stats["lessons_generic"] += len(unique) - len(specific_)
+        stats["lessons_leaking_answer"] += len(specific_) - len(kept)
+        specific.append(kept)
+    curated = [j for j, kept in enumerate(specific) if kept]
+    curations = roles_.curate([items[j] for j in curated], [specific[j] for j in curated], playbook)
+    deltas: list[Delta] = []
+    for j, curation in zip(curated, curations):
+        seconds[j] += curation.seconds
+        if not curation.parsed:  # the lessons go in as they are: the curator's reply could not be read
+            stats["curator_unparsed"] += 1
+            deltas += [Delta("ADD", lesson) for lesson in specific[j]]
+            continue
+        for delta in curation.deltas:
+            if delta.op in ("ADD", "UPDATE") and (not roles.is_specific(delta.content, items[j])
+                                                  or roles.leaks_answer(delta.content, items[j])):
+                stats["operations_filtered"] += 1
+            else:
+                deltas.append(delta)
+    report = playbook.apply(deltas)
+    for key in ("added", "updated", "removed", "merged", "pruned", "over_budget"):
+        stats[f"playbook_{key}"] += getattr(report, key)
+    stats["operations_skipped"] += len(report.skipped)
+    return seconds, texts
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+
+def pass_rows(run: LoopRun, pass_name: str) -> list[dict]:
+    from lightning_lab.data.io import read_jsonl
+
+    return [record for _, record in read_jsonl(run.results_path)
+            if record.get("pass") == pass_name and "sample_id" in record]
+
+
+def write_csv(path: Path, rows: list[dict], ace: bool) -> None:
+    """The seed's result CSV: core columns, then question/context/correct (+ f1, split, bullets_used),
+    then in ACE mode reflection_latency_ms, reflected, epoch, playbook_size."""
+    columns = CORE_COLUMNS + EXTRA_COLUMNS + (ACE_COLUMNS if ace else [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def pass_summary(rows: list[dict]) -> dict:
+    """Accuracy, mean token F1, latency percentiles (generation; reflection where any ran)."""
+    summary = {"num_samples": len(rows), "accuracy": sum(bool(r["correct"]) for r in rows) / max(1, len(rows)),
+               "f1": sum(float(r["f1"]) for r in rows) / max(1, len(rows))}
+    if rows:
+        latency = latency_stats([float(r["latency_ms"]) for r in rows])
+        summary |= {f"latency_{k}_ms": round(v, 1) for k, v in latency.items()}
+        reflected = [float(r["reflection_latency_ms"]) for r in rows if r.get("reflected")]
+        if reflected:
+            summary |= {f"reflection_{k}_ms": round(v, 1) for k, v in latency_stats(reflected).items()}
+    return summary
+
+
+def describe(name: str, summary: dict, playbook: Playbook | None = None) -> str:
+    line = (f"{name}: accuracy {summary['accuracy']:.3f} ({summary['num_samples']} items), F1 {summary['f1']:.3f}, "
+            f"latency p50/p95/p99 {summary.get('latency_p50_ms', 0):.0f}/{summary.get('latency_p95_ms', 0):.0f}/"
+            f"{summary.get('latency_p99_ms', 0):.0f} ms")
+    if "reflection_p50_ms" in summary:
+        line += (f", reflection p50/p95/p99 {summary['reflection_p50_ms']:.0f}/{summary['reflection_p95_ms']:.0f}/"
+                 f"{summary['reflection_p99_ms']:.0f} ms")
+    if playbook is not None:
+        line += f", playbook {len(playbook)} bullets / {playbook.tokens()} tokens"
+    return line
+
+
+# ---- the loops ---------------------------------------------------------------------------------
+
+
+def open_roles(config: AceConfig) -> Roles:
+    from lightning_lab.sampling.sampler import Sampler
+
+    generator = Sampler(load_model(config.model_id, config.device, config.dtype))
+    reflector = generator
+    if config.reflector_model not in (None, config.model_id):
+        reflector = Sampler(load_model(config.reflector_model, config.device, config.dtype))
+    for sampler in {id(generator): generator, id(reflector): reflector}.values():
+        sampler.generate("Hello", max_new_tokens=2, greedy=True)  # one-time costs (kernel load) stay out of latency
+    return Roles(generator, reflector, config)
+
+
+def new_playbook(config: AceConfig, path: Path, tokenizer, start_from: Path | None = None) -> Playbook:
+    """The playbook at `path` (resumed or updated), else a copy of `start_from`, else an empty one."""
+    settings = {"token_budget": config.token_budget, "merge_threshold": config.merge_threshold,
+                "prune_below": config.prune_below,
+                "count_tokens": lambda text: len(tokenizer.encode(text, add_special_tokens=False))}
+    source = path if path.is_file() else start_from
+    return Playbook.load(source, **settings) if source is not None and source.is_file() else Playbook(**settings)
+
+
+def run(config: RunConfig) -> int:
+    task_name, items = task_items(config)
+    with LoopRun(config, method="ace") as loop:
+        roles_ = open_roles(config)
+        playbook_path = Path(config.playbook_path) if config.playbook_path else loop.directory / "playbook.jsonl"
+        playbook = new_playbook(config, playbook_path, roles_.generator.tokenizer)
+        loop.start(total=len(items), header={"task_name": task_name})
+        step = Pass("run", items, config.mode, config.mode == "ace", "all", None, loop.directory / "results.csv")
+        stats: Counter = Counter()
+        rows = run_pass(loop, roles_, playbook, lambda: playbook.save(playbook_path), step,
+                        {"model_id": config.model_id, "task_name": task_name}, stats)
+        if config.output_path:
+            write_csv(Path(config.output_path), rows, ace=config.mode == "ace")
+        summary = pass_summary(rows)
+        loop.writer.write({"kind": "summary", "of": "run", **summary, **stats})
+        print(describe(f"{task_name} {config.mode} ({config.model_id})", summary,
+                       playbook if config.mode == "ace" else None))
+        if stats:
+            print("counts: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
+        print(f"results: {step.csv_path}" + (f" and {config.output_path}" if config.output_path else ""))
+    return loop.exit_status
+
+
+def epochs(config: EpochsConfig) -> int:
+    from lightning_lab.eval.ab import mcnemar_exact
+
+    task_name, items = task_items(config)
+    splits = {"all": items} if config.online else split_items(items, config)
+    test_split = "all" if config.online else "test"
+    with LoopRun(config, method="ace") as loop:
+        roles_ = open_roles(config)
+        directory = loop.directory
+        playbook_path = directory / "playbook.jsonl"
+        playbook = new_playbook(config, playbook_path, roles_.generator.tokenizer)
+        per_epoch = len(items)  # online: every item once; offline: train + val + test
+        loop.start(total=len(splits[test_split]) + config.epochs * per_epoch,
+                   header={"task_name": task_name, "splits": {k: [i.id for i in v] for k, v in splits.items()}})
+        meta = {"model_id": config.model_id, "task_name": task_name}
+        save = lambda: playbook.save(playbook_path)  # noqa: E731
+        table, baseline, best = [], None, (-1.0, 0)
+        for epoch in range(config.epochs + 1):
+            stats: Counter = Counter()
+            mode = "baseline" if epoch == 0 else "ace"
+            if epoch > 0 and not config.online:
+                run_pass(loop, roles_, playbook, save, Pass(f"epoch{epoch}/train", splits["train"], mode, True,
+                                                            "train", epoch, directory / "train" / f"epoch{epoch}.csv"),
+                         meta, stats)
+                val = pass_summary(run_pass(loop, roles_, playbook, save, Pass(
+                    f"epoch{epoch}/val", splits["val"], mode, False, "val", epoch,
+                    directory / "val" / f"epoch{epoch}.csv"), meta, stats))
+                if val["accuracy"] > best[0]:
+                    best = (val["accuracy"], epoch)
+                    playbook.save(directory / "playbook_best.jsonl")
+            rows = run_pass(loop, roles_, playbook, save, Pass(
+                f"epoch{epoch}/{test_split}", splits[test_split], mode, config.online and epoch > 0, test_split, epoch,
+                directory / f"epoch{epoch}.csv"), meta, stats)
+            if epoch > 0:
+                playbook.save(directory / f"playbook_epoch{epoch}.jsonl")
+            summary = pass_summary(rows)
+            outcomes = {r["sample_id"]: int(bool(r["correct"])) for r in rows}
+            baseline = baseline or outcomes
+            ids = sorted(outcomes)
+            test = mcnemar_exact(np.array([baseline[i] for i in ids]), np.array([outcomes[i] for i in ids]))
+            table.append({"epoch": epoch, "mode": mode, "split": test_split, **summary,
+                          "mcnemar_p": test["p"], "only_baseline": test["only_a"],
+                          "only_ace": test["only_b"], "playbook_size": len(playbook) if epoch else 0,
+                          "playbook_tokens": playbook.tokens() if epoch else 0,
+                          "val_accuracy": val["accuracy"] if epoch and not config.online else None, **stats})
+            loop.writer.write({"kind": "summary", "of": f"epoch{epoch}", **table[-1]})
+            print(describe(f"epoch {epoch} ({mode}, {test_split})", summary, playbook if epoch else None)
+                  + (f", McNemar p={test['p']:.3g} vs epoch 0" if epoch else ""))
+        if not config.online:
+            print(f"best val epoch: {best[1]} (val accuracy {best[0]:.3f}); its playbook: "
+                  f"{directory / 'playbook_best.jsonl'}")
+        write_table(directory / "epoch_summary", table)
+        print(markdown_table(table, EPOCH_COLUMNS))
+    return loop.exit_status
+
+
+EPOCH_COLUMNS = ["epoch", "mode", "split", "num_samples", "accuracy", "mcnemar_p", "f1", "val_accuracy",
+                 "latency_p50_ms", "latency_p95_ms", "reflection_p50_ms", "playbook_size", "playbook_tokens"]
+
+
+def write_table(stem: Path, rows: list[dict]) -> None:
+    """`rows` as <stem>.csv (every key) and <stem>.md (the main columns)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with stem.with_suffix(".csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    stem.with_suffix(".md").write_text(markdown_table(rows, EPOCH_COLUMNS) + "\n", encoding="utf-8")
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    columns = [c for c in columns if any(c in row for row in rows)]
+
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.3f}" if not math.isnan(value) else "nan"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
