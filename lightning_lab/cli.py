@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("lightning_lab.training.sft:main", "LightningCLI: LoRA supervised fine-tuning (fit | validate)"),
     "rl": ("lightning_lab.training.rl:main", "LightningCLI: LoRA RL with a verifiable reward (fit)"),
     "adapter": ("lightning_lab.models.lora:main", "adapter merge: write base + LoRA as one model"),
-    "bon": ("lightning_lab.bon.collect:main", "best-of-N: collect | distill | analyze | predict"),
+    "bon": ("lightning_lab.bon.cli:main", "best-of-N: collect | distill | analyze | predict"),
     "quietstar": ("lightning_lab.quietstar.cli:main", "Quiet-STaR: bake thoughts into weights (fit | validate | predict | bake)"),
     "rauq": ("lightning_lab.rauq.cli:main", "RAUQ-CoT: score | select-heads | fit-threshold | run | evaluate | ablate"),
     "discover": ("lightning_lab.discover.cli:main", "discovery suite: run (best-of-N | TTT)"),

@@ -38,10 +38,11 @@ def main(argv: list[str]) -> int:
 
     print("== 1. Best-of-N on SmolLM2-135M-Instruct: one shared prefill, 8 samples per prompt, pass@k")
     bon = root / "bon"
-    run(f"bon collect --config configs/bon/collector_base.json --set base_model={args.model} "
-        f"--set limit=6 --set samples_per_prompt=8 --set k_values=[1,2,4,8] --set max_new_tokens=160 "
-        f"--set output_dir={bon} --out {bon}/demo.jsonl --resume")
-    run(f"bon analyze --runs {bon}/demo.jsonl --out {bon}/summary.json --resamples 200")
+    run(f"bon collect --config configs/bon/collector_base.json --base_model {args.model} "
+        f"--limit 6 --samples_per_prompt 8 --k_values [1,2,4,8] --max_new_tokens 160 "
+        f"--output_dir {bon} --name demo --resume true")
+    if not (bon / "summary.json").exists():
+        run(f"bon analyze --runs {bon}/demo --out {bon}/summary.json --resamples 200")
 
     print("\n== 2. Pretraining the lab GPT (gpt_tiny) on the synthetic task corpus")
     data = root / "data"

@@ -69,7 +69,6 @@ import dataclasses
 import importlib.metadata
 import itertools
 import math
-import os
 import platform
 import shutil
 import socket
@@ -157,14 +156,6 @@ def check_device(device: str, dtype: str) -> None:
                         f"{', '.join(available)})")
     if index and (kind != "cuda" or not index.isdigit() or int(index) >= torch.cuda.device_count()):
         raise UserError(f"device: {device!r}: no such device")
-
-
-def check_input_file(key: str, path: str | os.PathLike) -> Path:
-    """An existing regular file, else a UserError naming the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{key}: {path}: " + ("is a directory, not a file" if path.is_dir() else "no such file"))
-    return path
 
 
 # ---- parsing ----------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ Two predictors:
    curve to large k. Reported next to the plug-in baseline ``mean(1 - (1 - c/m)^k)``, which
    cannot credit a prompt that was never solved within the budget.
 
-The functions here take already-read runs (see `bon.read_run`): `(name, header, records, telemetry)`.
-`lab bon predict` writes the report; `load_predictor(path)` gives the model back.
+The functions here take already-read runs (see `collect.read_run`): `(name, header, records, telemetry)`.
+`lab bon predict` (`predict`) writes the report; `load_predictor(path)` gives the model back.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import betaln, expit
+from scipy.special import expit
+from scipy.stats import betabinom
 
+from lightning_lab.data.io import DataError
 from lightning_lab.eval.metrics import pass_at_k
 
 # A sample counts as correct when its score reaches this (the exact, numeric, gsm8k, math and
@@ -53,15 +55,45 @@ TELEMETRY_FEATURES = ("decode_s_per_token", "queue_wait_s")
 
 @dataclass
 class PredictConfig:
-    threshold: float = 0.5  # a prompt is emergent when pass@k_max - pass@1 >= threshold
-    k_max: int | None = None  # None: the largest k that every run measured
-    feature_samples: int = 8  # features (and the beta-binomial fit) see only this many samples per prompt
-    group_by: str = "prompt"  # GroupKFold groups: "prompt" (id) or "run"
+    """Fit and cross-validate the emergence predictor, and the beta-binomial extrapolation."""
+
+    runs: list[str] | str = field(default_factory=lambda: ["runs/bon"])
+    """run directories, samples.jsonl files, or directories holding runs: one path, or [path, path, ...]"""
+    out: str = "runs/bon/predictor.json"
+    """the report JSON (a .calibration.png goes beside it); must not exist yet"""
+    threshold: float = 0.5
+    """a prompt is emergent when pass@k_max - pass@1 >= threshold, in (0, 1]"""
+    k_max: int | None = None
+    """null: the largest k that every run measured"""
+    feature_samples: int = 8
+    """features (and the beta-binomial fit) see only this many samples per prompt"""
+    group_by: str = "prompt"
+    """cross-validation groups: prompt (id) or run"""
     n_splits: int = 5
-    regularization_c: float = 1.0  # inverse L2 strength of the logistic regression
-    extrapolate_k: tuple[int, ...] = (64, 128)
+    """folds of the grouped cross-validation (>= 2)"""
+    regularization_c: float = 1.0
+    """inverse L2 strength of the logistic regression (> 0)"""
+    extrapolate_k: list[int] = field(default_factory=lambda: [64, 128])
+    """k values the beta-binomial fit extrapolates to"""
     calibration_bins: int = 10
+    """equal-width bins of the calibration table"""
     seed: int = 0
+    """seed of the fold assignment"""
+
+    def __post_init__(self) -> None:
+        from lightning_lab.loops import check_choice, check_count, check_number
+
+        self.runs = [self.runs] if isinstance(self.runs, str) else list(self.runs)
+        check_number("threshold", self.threshold, 0.0, 1.0, low_open=True)
+        if self.k_max is not None:
+            check_count("k_max", self.k_max)
+        check_count("feature_samples", self.feature_samples)
+        check_choice("group_by", self.group_by, ("prompt", "run"))
+        check_count("n_splits", self.n_splits, minimum=2)
+        check_number("regularization_c", self.regularization_c, 0.0, low_open=True)
+        for k in self.extrapolate_k:
+            check_count("extrapolate_k", k)
+        check_count("calibration_bins", self.calibration_bins)
 
 
 # ---- small statistics shared with the collector -----------------------------------------------
@@ -119,7 +151,8 @@ def prompt_features(record: dict, feature_samples: int, telemetry_row: dict | No
     """Cheap features of the first `feature_samples` samples of one prompt record."""
     samples = record["samples"][:feature_samples]
     if len(samples) < feature_samples:
-        raise ValueError(f"prompt {record['id']!r} has {len(samples)} samples; features need {feature_samples}")
+        raise DataError(f"prompt {record['id']!r} has {len(samples)} samples; feature_samples={feature_samples} "
+                        f"needs that many")
     features = {
         "pass1_estimate": float(np.mean([is_correct(s["score"]) for s in samples])),
         "answer_entropy": answer_entropy([s["answer"] for s in samples]),
@@ -161,7 +194,7 @@ def build_dataset(runs: Sequence[tuple], config: PredictConfig) -> EmergenceData
         for record in records:
             n, c = record["n"], record["num_correct"]
             if k_max > n:
-                raise ValueError(f"{name}: prompt {record['id']!r} has {n} samples, fewer than k_max={k_max}")
+                raise DataError(f"{name}: prompt {record['id']!r} has {n} samples, fewer than k_max={k_max}")
             row = prompt_features(record, config.feature_samples, telemetry[record["id"]] if use_telemetry else None)
             rows.append([row[feature] for feature in feature_names])
             gains.append(prompt_gain(n, c, k_max))
@@ -193,7 +226,7 @@ class EmergencePredictor:
         from sklearn.preprocessing import StandardScaler
 
         if len(set(labels.tolist())) < 2:
-            raise ValueError(f"cannot fit: every prompt has label {int(labels[0])}; "
+            raise DataError(f"cannot fit: every prompt has label {int(labels[0])}; "
                              f"change the emergence threshold or collect more varied prompts")
         scaler = StandardScaler().fit(features)
         model = LogisticRegression(C=regularization_c, max_iter=1000).fit(scaler.transform(features), labels)
@@ -215,7 +248,7 @@ class EmergencePredictor:
     @classmethod
     def from_json(cls, data: dict) -> EmergencePredictor:
         if data.get("kind") != "logistic_regression":
-            raise ValueError(f"not a saved emergence predictor (kind={data.get('kind')!r})")
+            raise DataError(f"not a saved emergence predictor (kind={data.get('kind')!r})")
         return cls(data["feature_names"], data["mean"], data["scale"], data["coef"], data["intercept"],
                    data.get("metadata", {}))
 
@@ -227,7 +260,11 @@ def load_predictor(path: str | Path) -> EmergencePredictor:
 
 
 def calibration_table(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> list[dict]:
-    """Equal-width probability bins: mean predicted probability vs observed fraction positive."""
+    """Equal-width probability bins: mean predicted probability vs observed fraction positive.
+
+    Not sklearn's `calibration_curve`: it returns neither the bins' counts nor their edges, which the
+    report and the calibration plot show.
+    """
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
     table = []
@@ -245,18 +282,16 @@ def cross_validate(dataset: EmergenceDataset, config: PredictConfig) -> dict:
     from sklearn.metrics import brier_score_loss, roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold
 
-    if config.group_by not in ("prompt", "run"):
-        raise ValueError(f"group_by must be 'prompt' or 'run'; got {config.group_by!r}")
     groups = np.array(dataset.prompt_ids if config.group_by == "prompt" else dataset.run_names)
     n_groups = len(set(groups.tolist()))
     n_splits = min(config.n_splits, n_groups)
     if n_splits < 2:
-        raise ValueError(f"grouped cross-validation by {config.group_by} needs at least 2 groups; got {n_groups}")
+        raise DataError(f"grouped cross-validation by {config.group_by} needs at least 2 groups; got {n_groups}")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=config.seed)
     out_of_fold = np.full(len(dataset.labels), np.nan)
     for fold, (train, test) in enumerate(folds.split(dataset.features, dataset.labels, groups)):
         if len(set(dataset.labels[train].tolist())) < 2:
-            raise ValueError(f"fold {fold}: the training part has a single class; too few emergent (or "
+            raise DataError(f"fold {fold}: the training part has a single class; too few emergent (or "
                              f"non-emergent) prompts for {n_splits}-fold cross-validation")
         model = EmergencePredictor.fit(dataset.features[train], dataset.labels[train], dataset.feature_names,
                                        config.regularization_c)
@@ -290,12 +325,12 @@ class BetaBinomialFit:
 
 
 def beta_binomial_pass_at_k(alpha: float, beta: float, k: int) -> float:
-    return float(1.0 - np.exp(betaln(alpha, beta + k) - betaln(alpha, beta)))
+    """1 - P(no success in k draws) = 1 - B(alpha, beta + k) / B(alpha, beta)."""
+    return float(1.0 - betabinom.pmf(0, k, alpha, beta))
 
 
 def beta_binomial_log_likelihood(alpha: float, beta: float, successes: np.ndarray, trials: np.ndarray) -> float:
-    log_binomial = betaln(1 + successes, 1 + trials - successes) + np.log1p(trials)  # -log C(n, c)
-    return float(np.sum(betaln(successes + alpha, trials - successes + beta) - betaln(alpha, beta) - log_binomial))
+    return float(np.sum(betabinom.logpmf(successes, trials, alpha, beta)))
 
 
 def fit_beta_binomial(successes: Sequence[int], trials: Sequence[int]) -> BetaBinomialFit:
@@ -307,8 +342,7 @@ def fit_beta_binomial(successes: Sequence[int], trials: Sequence[int]) -> BetaBi
         raise ValueError("fit_beta_binomial: each success count must lie in [0, trials]")
 
     def negative_log_likelihood(log_params: np.ndarray) -> float:
-        alpha, beta = np.exp(log_params)
-        return -float(np.sum(betaln(successes + alpha, trials - successes + beta) - betaln(alpha, beta)))
+        return -beta_binomial_log_likelihood(*np.exp(log_params), successes, trials)
 
     result = minimize(negative_log_likelihood, x0=np.zeros(2), method="L-BFGS-B", bounds=[(-10.0, 10.0)] * 2)
     alpha, beta = np.exp(result.x)
@@ -325,7 +359,7 @@ def extrapolation_report(label: str, records: Sequence[dict], budget: int, extra
     """
     n_min = min(record["n"] for record in records)
     if budget > n_min:
-        raise ValueError(f"{label}: beta-binomial budget {budget} exceeds the {n_min} samples of some prompt")
+        raise DataError(f"{label}: beta-binomial budget {budget} exceeds the {n_min} samples of some prompt")
     budget_successes = [sum(is_correct(s["score"]) for s in record["samples"][:budget]) for record in records]
     fit = fit_beta_binomial(budget_successes, [budget] * len(records))
     counts = [(record["n"], record["num_correct"]) for record in records]
@@ -354,3 +388,59 @@ def extrapolation_report(label: str, records: Sequence[dict], budget: int, extra
         "predicted_emergence": dataset_emergence(powers_of_two_up_to(max(ks)),
                                                  [fit.pass_at_k(k) for k in powers_of_two_up_to(max(ks))]),
     }
+
+
+# ---- lab bon predict ------------------------------------------------------------------------------
+
+
+def predict(config: PredictConfig) -> dict:
+    """Fit and cross-validate the emergence predictor, fit the beta-binomial extrapolation; save JSON + plot."""
+    from lightning_lab.bon.collect import read_runs, records_by_adapter
+    from lightning_lab.bon.distill import check_output
+    from lightning_lab.data.io import write_json_atomic
+    from lightning_lab.reports.plots import plot_calibration
+
+    out = check_output(config.out, config.runs)
+    calibration_png = check_output(out.with_suffix(".calibration.png"), config.runs, "out (its .calibration.png)")
+    runs = read_runs(config.runs)
+    dataset = build_dataset(runs, config)
+    cv = cross_validate(dataset, config)
+    model = EmergencePredictor.fit(dataset.features, dataset.labels, dataset.feature_names, config.regularization_c)
+    model.metadata = {"k_max": dataset.k_max, "threshold": config.threshold,
+                      "feature_samples": config.feature_samples, "runs": [name for name, *_ in runs]}
+    plot_calibration([b["mean_predicted"] for b in cv["calibration"]],
+                     [b["fraction_positive"] for b in cv["calibration"]], calibration_png,
+                     counts=[b["count"] for b in cv["calibration"]],
+                     title=f"emergence predictor, out-of-fold ({cv['group_by']} groups)")
+    report = {
+        "definition": {
+            "prompt": f"emergent when pass@{dataset.k_max} - pass@1 >= {config.threshold} (unbiased, all samples)",
+            "dataset": "emergence k = the power of two k maximising pass@k - pass@(k/2) of the mean curve",
+            "features": f"from the first {config.feature_samples} samples of each prompt",
+        },
+        "config": asdict(config),
+        "num_prompts": int(len(dataset.labels)),
+        "num_emergent": int(dataset.labels.sum()),
+        "model": model.to_json(),
+        "cross_validation": {key: value for key, value in cv.items() if key != "out_of_fold_probability"},
+        "calibration_plot": str(calibration_png),
+        # per adapter (its runs pooled, e.g. the shards of one collection), as `analyze` pools them
+        "beta_binomial": [extrapolation_report(label, records, config.feature_samples, config.extrapolate_k)
+                          for label, records in records_by_adapter(runs).items()],
+    }
+    write_json_atomic(out, report)
+    return report
+
+
+def report_lines(report: dict) -> list[str]:
+    """What `lab bon predict` prints: the cross-validated scores, then each adapter's beta-binomial fit."""
+    cv = report["cross_validation"]
+    auc = "n/a" if cv["roc_auc"] is None else f"{cv['roc_auc']:.3f}"
+    lines = [f"{report['num_emergent']}/{report['num_prompts']} prompts emergent; out-of-fold ROC-AUC={auc}, "
+             f"Brier={cv['brier']:.4f} (base rate {cv['brier_base_rate']:.4f})"]
+    for fit in report["beta_binomial"]:
+        errors = [fit["max_abs_error_beta_binomial"], fit["max_abs_error_plug_in"]]
+        errors = ["n/a" if e is None else f"{e:.3f}" for e in errors]
+        lines.append(f"{fit['adapter']}: beta-binomial alpha={fit['fit']['alpha']:.3g} beta={fit['fit']['beta']:.3g}; "
+                     f"max |pass@k error| for k > {fit['budget']}: {errors[0]} (plug-in {errors[1]})")
+    return lines

@@ -52,14 +52,18 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    """Write `obj` as JSON so that readers see either the old file or the new one, never half of it.
+    """Write `obj` as JSON so that readers see either the old file or the new one, never half of it."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` so that readers see either the old file or the new one, never half of it.
 
     The text goes to a temporary file in the same directory (so `os.replace` is a rename on one
-    file system), is flushed and fsynced, then replaces `path` in one step.
+    file system), is flushed and fsynced, then replaces `path` in one step; a failure removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp_name, 0o644)  # mkstemp makes the file private (0600); the result should read like any file
