@@ -219,3 +219,22 @@ def test_real_sampler_path_with_a_tiny_random_model(tiny_llama_dir, tmp_path):
     assert len(rows) == 3 and all(r["reflected"] == "True" for r in rows)
     summary = [json.loads(line) for line in (tmp_path / "t" / "results.jsonl").read_text().splitlines()][-1]
     assert summary["kind"] == "summary" and summary["reflections"] >= 3
+
+
+@pytest.mark.slow
+def test_smollm2_baseline_and_one_ace_epoch_end_to_end(tmp_path):
+    """The real model on three items: epoch 0 baseline, epoch 1 online ACE (reflector, curator, playbook)."""
+    assert ace_main(["epochs", "--task_name", "iot_tiny", "--epochs", "1", "--online", "--limit", "3",
+                     "--max_new_tokens", "32", "--reflector_max_new_tokens", "24", "--output_dir", str(tmp_path),
+                     "--name", "s", "--progress", "false"]) == 0
+    run = tmp_path / "s"
+    baseline, ace = read_csv(run / "epoch0.csv"), read_csv(run / "epoch1.csv")
+    assert [r["sample_id"] for r in baseline] == [r["sample_id"] for r in ace] and len(ace) == 3
+    assert all(r["mode"] == "ace" and r["reflected"] == "True" and float(r["reflection_latency_ms"]) > 0 for r in ace)
+    assert all(r["pred"] or r["correct"] == "False" for r in baseline + ace)
+    summary = read_csv(run / "epoch_summary.csv")
+    assert [r["epoch"] for r in summary] == ["0", "1"]
+    assert int(summary[1]["reflections"]) >= 3
+    records = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert all(r["reflection"].startswith("Diagnosis:") for r in records if r.get("pass") == "epoch1/all")
+    assert len(Playbook.load(run / "playbook.jsonl")) == int(summary[1]["playbook_size"])
