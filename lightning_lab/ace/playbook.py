@@ -28,13 +28,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
-from lightning_lab.data.io import DataError, read_jsonl
+from lightning_lab.data.io import DataError, read_jsonl, write_text_atomic
 
 DEFAULT_SECTION = "strategies"
 OPS = ("REMOVE", "UPDATE", "ADD")  # the order `Playbook.apply` runs them in
@@ -263,21 +261,9 @@ class Playbook:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the playbook as JSONL, atomically (temporary file in the same directory, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         lines = [json.dumps({"playbook": 1, "next_id": self.next_id})]
         lines += [json.dumps(asdict(entry), ensure_ascii=False) for entry in self.entries]
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp_name, 0o644)
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, "\n".join(lines) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike, **settings) -> Playbook:

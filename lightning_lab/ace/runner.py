@@ -26,18 +26,19 @@ _run_tracker/, the CSVs (one per pass; `run` also writes ``--output_path``), pla
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 import random
 from collections import Counter
-
-import numpy as np
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from lightning_lab.ace import roles
 from lightning_lab.ace.playbook import Delta, Playbook
 from lightning_lab.ace.tasks import Item, load_items, score_answer, task_path
+from lightning_lab.data.io import read_jsonl, write_text_atomic
 from lightning_lab.errors import UserError, check_new_output_file
 from lightning_lab.eval.metrics import latency_stats, token_f1
 from lightning_lab.loops import LoopConfig, LoopRun, check_choice, check_count, check_number, check_sampling
@@ -425,8 +426,6 @@ def learn_from_batch(roles_: Roles, playbook: Playbook, items: list[Item], answe
 
 
 def pass_rows(run: LoopRun, pass_name: str) -> list[dict]:
-    from lightning_lab.data.io import read_jsonl
-
     return [record for _, record in read_jsonl(run.results_path)
             if record.get("pass") == pass_name and "sample_id" in record]
 
@@ -434,14 +433,12 @@ def pass_rows(run: LoopRun, pass_name: str) -> list[dict]:
 def write_csv(path: Path, rows: list[dict], ace: bool) -> None:
     """The seed's result CSV: core columns, then question/context/correct (+ f1, split, bullets_used),
     then in ACE mode reflection_latency_ms, reflected, epoch, playbook_size."""
-    columns = CORE_COLUMNS + EXTRA_COLUMNS + (ACE_COLUMNS if ace else [])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CORE_COLUMNS + EXTRA_COLUMNS + (ACE_COLUMNS if ace else []),
+                            extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def pass_summary(rows: list[dict]) -> dict:
