@@ -9,8 +9,12 @@ every token. Both stop at EOS or ``--new-tokens``; the ratio compares seconds pe
 of ``--reps`` repetitions that alternate between the two sides (`paired_median_seconds`, bench/sampler.py).
 Target: monitored <= 1.10x plain.
 
-Batched evaluation (issue 23 asks batch 16 >= 3x the problems per hour of batch 1) is not measured: the
-sampler's step API decodes one prompt per state, so `lab rauq evaluate` decodes problems one at a time.
+Batched evaluation: ``--problems`` (16) GSM8K questions, each through the controller as `lab rauq evaluate`
+runs it, at ``--batch-size`` 1 (each on the step API from its prompt) and ``--batch-size`` 16 (one batched
+greedy pass up to each problem's first trigger, then each alone: `RAUQController.greedy_prefixes`), with the
+entropy trigger at theta = +inf (nothing fires: the upper bound of the gain) and at ``--theta`` (default: the
+80th percentile of the greedy tokens' entropies, measured here, so that most problems trigger). Target:
+batch 16 >= 3x the problems per hour of batch 1.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--problems", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--theta", type=float, default=None, help="entropy theta of the triggering case")
     args = parser.parse_args(argv)
 
     from lightning_lab.models.loading import load_causal_lm
@@ -40,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_lab.sampling.sampler import Sampler
 
     print(load_average())
-    question = json.loads(Path(args.gsm8k).read_text().splitlines()[0])["question"]
+    questions = [json.loads(line)["question"] for line in Path(args.gsm8k).read_text().splitlines()[:args.problems]]
+    question = questions[0]
     loaded = load_causal_lm(args.model, device="cpu", dtype=args.dtype)
     sampler = Sampler(loaded)
     layers = middle_layers(sampler.num_layers)
@@ -64,6 +74,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plain greedy (Sampler.generate):     {1000 * per_token['plain']:7.2f} ms/token")
     print(f"RAUQ-monitored (controller, theta=inf): {1000 * per_token['monitored']:7.2f} ms/token")
     print(f"ratio {ratio:.3f}x (target <= 1.10x): {'met' if ratio <= 1.10 else 'NOT met'}")
+
+    # batched evaluation: problems per hour at batch 1 and at --batch-size, entropy trigger, cot repair
+    def evaluation(theta, batch_size):
+        config = ControllerConfig(trigger="entropy", max_new_tokens=args.new_tokens, max_repairs=1)
+        controller = RAUQController(loaded, config, heads, theta, sampler=sampler)
+        started = time.perf_counter()
+        triggered = 0
+        for start in range(0, len(questions), batch_size):
+            batch = questions[start:start + batch_size]
+            prefixes = controller.greedy_prefixes(batch) if batch_size > 1 else [None] * len(batch)
+            triggered += sum(bool(controller.generate(q, p).trigger_events) for q, p in zip(batch, prefixes))
+        return 3600 * len(questions) / (time.perf_counter() - started), triggered
+
+    theta = args.theta
+    if theta is None:
+        entropies = sorted(e for q in questions for e in sampler.generate(
+            [q], greedy=True, max_new_tokens=args.new_tokens, entropy=True).completions[0][0].entropies)
+        theta = entropies[int(0.8 * (len(entropies) - 1))]
+    for name, value in (("theta=+inf", math.inf), (f"theta={theta:.3f}", theta)):
+        rates = {size: [] for size in (1, args.batch_size)}
+        for _ in range(args.reps):  # alternate the two batch sizes, as paired_median_seconds does
+            for size in rates:
+                rates[size].append(evaluation(value, size))
+        (one, hits), (many, _) = (min(rates[size], key=lambda r: abs(r[0] - statistics.median(x[0] for x in
+                                                                                               rates[size])))
+                                  for size in rates)
+        print(f"evaluation, entropy trigger {name} ({hits}/{len(questions)} problems trigger): batch 1 {one:8.1f} "
+              f"problems/h, batch {args.batch_size} {many:8.1f} problems/h, {many / one:.2f}x (target >= 3x)")
     print(load_average())
     return 0
 

@@ -136,3 +136,26 @@ def test_anchor_rollback_goes_back_to_the_last_sentence_or_line_end(loaded, samp
     assert anchor._rollback_count(tokens[:2], 0) == 2  # no boundary: the whole stretch
     fixed = controller(loaded, sampler, heads, rollback=3)
     assert fixed._rollback_count(tokens, 0) == 3 and fixed._rollback_count(tokens, 6) == 2
+
+
+@pytest.mark.parametrize("trigger", ["entropy", "rauq"])
+def test_a_batch_of_four_gives_what_each_gives_alone(loaded, sampler, heads, trigger):
+    """One batched greedy pass up to each row's first trigger, then each row on its own: the same tokens,
+    triggers and thoughts as the controller on each prompt from scratch (fp32)."""
+    prompts = ["What is 2 + 3?", "Natalia sold clips to 48 of her friends.", "The answer is 72.", "question answer"]
+    greedy = controller(loaded, sampler, heads, math.inf, trigger=trigger)
+    signals = sorted(entry["signal"] for prompt in prompts for entry in greedy.generate(prompt).trace
+                     if entry["kind"] == "answer")
+    theta = signals[len(signals) * 3 // 4]  # a quarter of the tokens are above it
+    each = controller(loaded, sampler, heads, theta, trigger=trigger, stability_window=3, cooldown=4, max_repairs=2)
+    expected = [each.generate(prompt) for prompt in prompts]
+    assert sum(bool(out.trigger_events) for out in expected) >= 2  # the batch really has rows that trigger
+    prefixes = each.greedy_prefixes(prompts)
+    assert all(len(prefix) >= 4 for prefix in prefixes)  # the shared pass reached each row's first trigger
+    batched = [each.generate(prompt, prefix) for prompt, prefix in zip(prompts, prefixes)]
+    for one, other in zip(expected, batched):
+        assert other.token_ids == one.token_ids and other.completion == one.completion
+        assert [e["position"] for e in other.trigger_events] == [e["position"] for e in one.trigger_events]
+        assert [score is None for score in other.rauq_scores] == [score is None for score in one.rauq_scores]
+        assert [s for s in other.rauq_scores if s is not None] == pytest.approx(
+            [s for s in one.rauq_scores if s is not None], rel=1e-4)

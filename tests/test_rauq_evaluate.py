@@ -69,6 +69,13 @@ def test_evaluate_writes_results_summary_trace_and_repairs(tiny_llama_dir, heads
     for record in saved:
         assert record["completion"].startswith(record["prefix"]) and record["completion"].endswith(record["answer"])
         assert record["completion"].count(" Let me think step by step:") == 1
+    # four problems decoded together: the same answers and triggers
+    batched = args[:args.index("--save_repairs")] + ["--batch_size", "4"]
+    batched[batched.index("e")] = "e4"
+    assert lab(batched) == 0
+    lines4 = [json.loads(line) for line in (tmp_path / "runs" / "e4" / "results.jsonl").read_text().splitlines()[1:]]
+    keys = ("id", "completion", "correct", "trigger_positions", "thought_tokens", "answer_tokens")
+    assert [[line[k] for k in keys] for line in lines4] == [[line[k] for k in keys] for line in lines]
     # the repairs are SFT data as they are: prompt + completion
     from lightning_lab.data.benchmarks import read_samples
     assert [sample.reference for sample in read_samples(repairs)] == [record["completion"] for record in saved]

@@ -22,8 +22,8 @@ import numpy as np
 
 from lightning_lab.errors import UserError
 from lightning_lab.loops import check_choice, check_count, check_device, check_input_file, check_number
-from lightning_lab.rauq.controller import TRIGGERS, signal
-from lightning_lab.rauq.scoring import CONVENTIONS, RunningScore, default_alpha
+from lightning_lab.rauq.controller import TRIGGERS, signal_trace
+from lightning_lab.rauq.scoring import CONVENTIONS, default_alpha
 
 SCORERS = ("exact", "numeric", "gsm8k", "math", "code")  # eval.metrics.score's names; or module:function
 FILE_SPLITS = ("all", "dev", "test")  # what a local file offers (data/benchmarks.py)
@@ -229,14 +229,6 @@ class FitThresholdConfig(ModelOptions):
         check_choice("unit", self.unit, ("token", "sequence"))
         check_choice("trigger", self.trigger, TRIGGERS)
         labeller(self.scorer)
-
-
-def signal_trace(completion, trigger: str, alpha: float, num_layers: int) -> list[float]:
-    """The trigger's signal (`controller.signal`) after every token of a sampler `Completion` whose logprobs,
-    entropies, margins and heads' attention were asked for."""
-    running = RunningScore(alpha, num_layers)
-    return [signal(trigger, running.push(logprob, attention), entropy, margin) for logprob, attention, entropy, margin
-            in zip(completion.logprobs, completion.attention, completion.entropies, completion.margins)]
 
 
 def run_fit_threshold(config: FitThresholdConfig) -> int:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lightning_lab.errors import UserError
@@ -116,6 +117,25 @@ class ControllerConfig:
                             "in (0, 1]")
 
 
+def signal_trace(completion, trigger: str, alpha: float, num_layers: int) -> list[float]:
+    """The trigger's signal after every token of a sampler `Completion` (with logprobs and the heads' attention
+    for rauq, entropies and margins for the others)."""
+    if trigger == "rauq":
+        running = RunningScore(alpha, num_layers)
+        return [running.push(logprob, attention) for logprob, attention in zip(completion.logprobs,
+                                                                                completion.attention)]
+    return [signal(trigger, None, entropy, margin) for entropy, margin in zip(completion.entropies,
+                                                                              completion.margins)]
+
+
+def first_trigger(signals: Sequence[float], config: ControllerConfig, theta: float) -> int | None:
+    """Where the controller would fire first on a greedy answer with these signals (None: nowhere): the first
+    token after the stability window whose signal exceeds theta."""
+    if config.max_repairs == 0:
+        return None
+    return next((t for t, value in enumerate(signals) if t >= config.stability_window and value > theta), None)
+
+
 @dataclass
 class ControllerOutput:
     completion: str
@@ -159,11 +179,15 @@ class RAUQController:
         self.greedy = SamplingParams(greedy=True)
         self.thought_params = SamplingParams(config.cot_temperature, config.cot_top_p)
 
-    def generate(self, prompt) -> ControllerOutput:
+    def generate(self, prompt, prefix: Sequence[int] | None = None) -> ControllerOutput:
+        """Decode one prompt. ``prefix``: greedy answer tokens already decoded for it elsewhere (a batched pass,
+        `first_trigger`); they are fed in one forward pass and then read one by one as if stepped, and any not
+        yet read when a trigger fires are rolled back first, so the result is what stepping would give."""
         config = self.config
         started = time.perf_counter()
         state = self.sampler.start(prompt, greedy=True, seed=config.seed,
                                    capture_heads=self.scorer.pairs if self.scorer else None)
+        pending = self.sampler.append(state, list(prefix)[:config.max_new_tokens])[::-1] if prefix else []
         tokens: list[_Token] = []  # everything after the prompt that is still in the cache
         trace = [{"token_id": token, "text": self.tokenizer.decode([token]), "kind": "prompt", "rauq": None,
                   "signal": None, "rolled_back": False} for token in state.prompt_ids]
@@ -174,7 +198,7 @@ class RAUQController:
         last_repair_at = None  # answer tokens when the last repair happened
         finish = "length"
         while answer_count < config.max_new_tokens:
-            output = self._step(state, self.greedy)
+            output = pending.pop() if pending else self._step(state, self.greedy)
             decoded += 1
             self._keep_answer(tokens, trace, running, output)
             token = tokens[-1]
@@ -193,7 +217,8 @@ class RAUQController:
             if config.repair == "none":
                 last_repair_at = answer_count
                 continue
-            self.sampler.rollback(state, count)
+            self.sampler.rollback(state, count + len(pending))  # the prefix tokens not read yet go too
+            pending = []
             del tokens[len(tokens) - count:]
             if running is not None:
                 running.pop(count)
@@ -224,6 +249,23 @@ class RAUQController:
                  "decoded_tokens": decoded, "triggers": len(events), "finish": finish, "seconds": seconds}
         return ControllerOutput(text, events, [token.rauq for token in tokens], decoded - answer_count, stats,
                                 answer_ids, repairs, trace)
+
+    def greedy_prefixes(self, prompts: Sequence, batch_size: int | None = None) -> list[list[int]]:
+        """One batched greedy pass of the sampler over `prompts` (its `generate`, every row decoded together);
+        per prompt, its tokens up to and including the first trigger (`first_trigger`), or all of them. Given to
+        `generate` as ``prefix``, they let a batch of problems share the decoding up to their first triggers."""
+        config, heads = self.config, self.scorer
+        capture = heads.pairs if heads is not None and config.trigger == "rauq" else None
+        generation = self.sampler.generate(list(prompts), greedy=True, max_new_tokens=config.max_new_tokens,
+                                           logprobs=True, entropy=True, margin=True, capture_heads=capture,
+                                           batch_size=batch_size or len(prompts))
+        prefixes = []
+        for (completion,) in generation.completions:
+            signals = signal_trace(completion, config.trigger, heads.alpha if heads else 0.0,
+                                   len(heads.pairs) if heads else 0)
+            first = first_trigger(signals, config, self.threshold)
+            prefixes.append(completion.token_ids if first is None else completion.token_ids[:first + 1])
+        return prefixes
 
     # ---- pieces ----
 
@@ -280,7 +322,7 @@ class RAUQController:
                 trace: list[dict]) -> tuple[int, StepOutput]:
         """Roll out the top candidates of the next token and keep the best; (tokens decoded, the kept token)."""
         config = self.config
-        logits = state.logits[-1].float()
+        logits = state.logits[-1].float().reshape(-1)  # the next-token logits of this one row
         candidates = logits.topk(config.rerank_candidates).indices.tolist()
         decoded, best, best_value = 0, None, -math.inf
         for candidate in candidates:

@@ -28,6 +28,7 @@ import dataclasses
 import itertools
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,6 +155,9 @@ class EvaluateConfig(ControllerOptions, LoopConfig):
     """keep repairs whose completion has at most this many tokens"""
     only_correct: bool = False
     """keep repairs of correct answers only"""
+    batch_size: int = 1
+    """problems decoded together: one batched greedy pass up to each one's first trigger, then each goes on
+    alone (`RAUQController.greedy_prefixes`); 1: each problem on the step API from its prompt"""
     uncertainty: bool = False
     """also score each final completion teacher-forced (RAUQ in both conventions, mean entropy, MSP, perplexity)
     and report each one's AUROC for wrong answers, with bootstrap intervals"""
@@ -162,6 +166,7 @@ class EvaluateConfig(ControllerOptions, LoopConfig):
         LoopConfig.__post_init__(self)
         ControllerOptions.__post_init__(self)
         check_choice("split", self.split, SPLITS)
+        check_count("batch_size", self.batch_size)
         labeller(self.scorer)
         if self.limit is not None:
             check_count("limit", self.limit)
@@ -226,24 +231,33 @@ def run_evaluate(config: EvaluateConfig) -> int:
         repairs = open(config.save_repairs, "a", encoding="utf-8") if config.save_repairs else None
         traced = None
         try:
-            for sample in _progress(samples, config.progress):
-                if sample.id in run.done:
-                    continue
-                out = controller.generate(sample.prompt)
-                correct = label(out.completion, sample)
-                record = problem_record(sample, out, correct)
-                if config.uncertainty:
-                    record["uncertainty"] = {"rauq_running": out.rauq_scores[-1], **uncertainties(
-                        loaded.model, controller.sampler.encode(sample.prompt), out.token_ids, alpha,
-                        controller.scorer.heads if controller.scorer else None)}
-                run.write(record)
-                if traced is None and out.trigger_events:
-                    traced = plot_trace(out, controller.threshold, run.directory / "trace.png", title=sample.id)
-                for record in repair_records(sample, out, correct, loaded.tokenizer) if repairs else []:
-                    if (correct or not config.only_correct) and record["num_tokens"] <= (config.max_repair_tokens
-                                                                                       or math.inf):
-                        repairs.write(json.dumps(record, ensure_ascii=False) + "\n")
-                        repairs.flush()
+            todo = [sample for sample in samples if sample.id not in run.done]
+            bar = _progress(todo, config.progress)
+            for start in range(0, len(todo), config.batch_size):
+                batch = todo[start:start + config.batch_size]
+                started = time.perf_counter()
+                prefixes = (controller.greedy_prefixes([sample.prompt for sample in batch])
+                            if config.batch_size > 1 else [None] * len(batch))
+                shared = (time.perf_counter() - started) / len(batch)  # each problem's share of the batched pass
+                for sample, prefix in zip(batch, prefixes):
+                    out = controller.generate(sample.prompt, prefix)
+                    out.stats["seconds"] += shared
+                    if bar is not None:
+                        bar.update(1)
+                    correct = label(out.completion, sample)
+                    record = problem_record(sample, out, correct)
+                    if config.uncertainty:
+                        record["uncertainty"] = {"rauq_running": out.rauq_scores[-1], **uncertainties(
+                            loaded.model, controller.sampler.encode(sample.prompt), out.token_ids, alpha,
+                            controller.scorer.heads if controller.scorer else None)}
+                    run.write(record)
+                    if traced is None and out.trigger_events:
+                        traced = plot_trace(out, controller.threshold, run.directory / "trace.png", title=sample.id)
+                    for record in repair_records(sample, out, correct, loaded.tokenizer) if repairs else []:
+                        if (correct or not config.only_correct) and record["num_tokens"] <= (config.max_repair_tokens
+                                                                                           or math.inf):
+                            repairs.write(json.dumps(record, ensure_ascii=False) + "\n")
+                            repairs.flush()
         finally:
             if repairs:
                 repairs.close()
@@ -332,7 +346,10 @@ def run_ablate(config: AblateConfig) -> int:
         run.start(total=len(cells) * len(samples), header={"engine": engine_info(sampler), "alpha": alpha,
                                                            "cells": [name for name, _ in cells]})
         for name, controller in controllers:
-            for sample in _progress(samples, config.progress, desc=name):
+            bar = _progress(samples, config.progress, desc=name)
+            for sample in samples:
+                if bar is not None:
+                    bar.update(1)
                 if f"{name}/{sample.id}" in run.done:
                     continue
                 out = controller.generate(sample.prompt)
@@ -400,11 +417,12 @@ def plot_trace(out, theta: float, path: Path, title: str = "") -> Path:
 
 
 def _progress(samples, progress: bool, desc: str = "rauq"):
+    """A tqdm bar over `samples` (None when off)."""
     if not progress:
-        return samples
+        return None
     from tqdm import tqdm
 
-    return tqdm(samples, desc=desc, unit="problem")
+    return tqdm(total=len(samples), desc=desc, unit="problem")
 
 
 def _results(path: Path):
