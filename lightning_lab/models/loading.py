@@ -146,6 +146,9 @@ def load_causal_lm(spec: str = DEFAULT_MODEL, device: str | torch.device = "auto
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    # transformers 5 swaps in layers from the hub's kernel repos by default, downloading them on CUDA at load
+    # time: offline first, the lab loads the plain model unless the user sets USE_HUB_KERNELS
+    os.environ.setdefault("USE_HUB_KERNELS", "0")
     kwargs = {"dtype": torch_dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
