@@ -238,3 +238,31 @@ def test_smollm2_baseline_and_one_ace_epoch_end_to_end(tmp_path):
     records = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     assert all(r["reflection"].startswith("Diagnosis:") for r in records if r.get("pass") == "epoch1/all")
     assert len(Playbook.load(run / "playbook.jsonl")) == int(summary[1]["playbook_size"])
+
+
+def test_ctrl_c_pauses_between_batches_and_resume_finishes(monkeypatch, tmp_path):
+    import os
+    import signal
+
+    from lightning_lab.loops import EXIT_PAUSED
+
+    sampler = ScriptedSampler()
+    answer = sampler.reply
+
+    def reply_then_interrupt(prompt):
+        if prompt.endswith("Reasoning:") and not getattr(sampler, "interrupted", False):
+            sampler.interrupted = True
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl+C while the first batch is being answered
+        return answer(prompt)
+
+    sampler.reply = reply_then_interrupt
+    monkeypatch.setattr(runner, "open_roles", lambda config: runner.Roles(sampler, sampler, config))
+    args = ["epochs", "--task_name", "iot_tiny", "--epochs", "1", "--online", "--limit", "6", "--batch_size", "3",
+            "--output_dir", str(tmp_path), "--name", "p", "--progress", "false"]
+    assert ace_main(args) == EXIT_PAUSED
+    lines = (tmp_path / "p" / "results.jsonl").read_text().splitlines()
+    assert len([line for line in lines if '"sample_id"' in line]) == 3  # the batch under way was finished
+    assert ace_main(["epochs", "--config", str(tmp_path / "p" / "config.yaml"), "--resume", "true"]) == 0
+    summary = read_csv(tmp_path / "p" / "epoch_summary.csv")
+    assert [int(row["num_samples"]) for row in summary] == [6, 6]
+    assert summary[1]["accuracy"] == "0.0" and int(summary[1]["playbook_size"]) == 6

@@ -21,6 +21,8 @@ A run writes ``runs/ace/<name>/`` (`lightning_lab.loops`): config.yaml, results.
 item and pass; a rerun with ``--resume true`` skips them and continues the saved playbook),
 _run_tracker/, the CSVs (one per pass; `run` also writes ``--output_path``), playbook.jsonl (or
 ``--playbook_path``), and for epochs playbook_epoch<k>.jsonl, playbook_best.jsonl, epoch_summary.csv/.md.
+Ctrl+C (or SIGTERM) pauses at the next batch boundary (exit status 3); the counters in a resumed run's
+summaries count the work done since it resumed.
 """
 
 from __future__ import annotations
@@ -29,19 +31,21 @@ import csv
 import io
 import math
 import random
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from lightning_lab.ace import roles
 from lightning_lab.ace.playbook import Delta, Playbook
 from lightning_lab.ace.tasks import Item, load_items, score_answer, task_path
+from lightning_lab.callbacks.pause import PauseFlag
 from lightning_lab.data.io import read_jsonl, write_text_atomic
 from lightning_lab.errors import UserError, check_new_output_file
 from lightning_lab.eval.metrics import latency_stats, token_f1
-from lightning_lab.loops import LoopConfig, LoopRun, check_choice, check_count, check_number, check_sampling
+from lightning_lab.eval.stats import mcnemar_exact
+from lightning_lab.loops import (LoopConfig, LoopRun, check_choice, check_count, check_number, check_sampling,
+                                 engine_info)
 
 # The seed's model names: each maps to its hub id (loaded from the local Hugging Face cache, or downloaded
 # only when the hub is reachable; offline and uncached, the load fails at once naming the alias).
@@ -300,8 +304,12 @@ def is_ok(item: Item, answer: roles.Answer, ground_truth: bool) -> bool:
     return score_answer(answer.answer, item.answer) if ground_truth else not roles.feedback(item, answer)
 
 
+class Paused(Exception):
+    """Ctrl+C / SIGTERM asked for a pause; raised between batches (the run resumes with --resume true)."""
+
+
 def run_pass(run: LoopRun, roles_: Roles, playbook: Playbook, save_playbook, step: Pass, meta: dict,
-             stats: Counter) -> list[dict]:
+             stats: Counter, pause: PauseFlag) -> list[dict]:
     """Answer (and in ACE mode learn from) the items of `step` not yet in results.jsonl; returns all its rows."""
     config = roles_.config
     done = run.done
@@ -310,6 +318,8 @@ def run_pass(run: LoopRun, roles_: Roles, playbook: Playbook, save_playbook, ste
                  if f"{step.name}/{item.id}" not in done]
         if not batch:
             continue
+        if pause.requested:
+            raise Paused
         indices, items = [index for index, _ in batch], [item for _, item in batch]
         views = [playbook.retrieve(f"{item.question} {item.context}", config.top_k) if step.mode == "ace" else []
                  for item in items]
@@ -481,26 +491,30 @@ def open_roles(config: AceConfig) -> Roles:
     return Roles(generator, reflector, config)
 
 
-def new_playbook(config: AceConfig, path: Path, tokenizer, start_from: Path | None = None) -> Playbook:
-    """The playbook at `path` (resumed or updated), else a copy of `start_from`, else an empty one."""
+def new_playbook(config: AceConfig, path: Path, tokenizer) -> Playbook:
+    """The playbook at `path` (a resumed run's, or the one --playbook_path names), else an empty one; its
+    token budget counted in the generator's tokens."""
     settings = {"token_budget": config.token_budget, "merge_threshold": config.merge_threshold,
                 "prune_below": config.prune_below,
                 "count_tokens": lambda text: len(tokenizer.encode(text, add_special_tokens=False))}
-    source = path if path.is_file() else start_from
-    return Playbook.load(source, **settings) if source is not None and source.is_file() else Playbook(**settings)
+    return Playbook.load(path, **settings) if path.is_file() else Playbook(**settings)
 
 
 def run(config: RunConfig) -> int:
     task_name, items = task_items(config)
-    with LoopRun(config, method="ace") as loop:
+    with LoopRun(config, method="ace") as loop, PauseFlag() as pause:
         roles_ = open_roles(config)
         playbook_path = Path(config.playbook_path) if config.playbook_path else loop.directory / "playbook.jsonl"
         playbook = new_playbook(config, playbook_path, roles_.generator.tokenizer)
-        loop.start(total=len(items), header={"task_name": task_name})
+        loop.start(total=len(items), header={"task_name": task_name, "engine": engine_info(roles_.generator)})
         step = Pass("run", items, config.mode, config.mode == "ace", "all", None, loop.directory / "results.csv")
         stats: Counter = Counter()
-        rows = run_pass(loop, roles_, playbook, lambda: playbook.save(playbook_path), step,
-                        {"model_id": config.model_id, "task_name": task_name}, stats)
+        try:
+            rows = run_pass(loop, roles_, playbook, lambda: playbook.save(playbook_path), step,
+                            {"model_id": config.model_id, "task_name": task_name}, stats, pause)
+        except Paused:
+            print(f"paused; continue with: {loop.resume_command('lab ace run')}")
+            return loop.pause()
         if config.output_path:
             write_csv(Path(config.output_path), rows, ace=config.mode == "ace")
         summary = pass_summary(rows)
@@ -514,55 +528,63 @@ def run(config: RunConfig) -> int:
 
 
 def epochs(config: EpochsConfig) -> int:
-    from lightning_lab.eval.ab import mcnemar_exact
-
     task_name, items = task_items(config)
     splits = {"all": items} if config.online else split_items(items, config)
     test_split = "all" if config.online else "test"
-    with LoopRun(config, method="ace") as loop:
+    with LoopRun(config, method="ace") as loop, PauseFlag() as pause:
         roles_ = open_roles(config)
         directory = loop.directory
         playbook_path = directory / "playbook.jsonl"
         playbook = new_playbook(config, playbook_path, roles_.generator.tokenizer)
         per_epoch = len(items)  # online: every item once; offline: train + val + test
         loop.start(total=len(splits[test_split]) + config.epochs * per_epoch,
-                   header={"task_name": task_name, "splits": {k: [i.id for i in v] for k, v in splits.items()}})
+                   header={"task_name": task_name, "engine": engine_info(roles_.generator),
+                           "splits": {k: [i.id for i in v] for k, v in splits.items()}})
         meta = {"model_id": config.model_id, "task_name": task_name}
-        save = lambda: playbook.save(playbook_path)  # noqa: E731
+
+        def one_pass(name: str, split: str, epoch: int, learn: bool, csv_path: Path) -> list[dict]:
+            step = Pass(f"epoch{epoch}/{name}", splits[split], "ace" if epoch else "baseline", learn, split, epoch,
+                        csv_path)
+            return run_pass(loop, roles_, playbook, lambda: playbook.save(playbook_path), step, meta, stats, pause)
+
+        def snapshot(epoch: int) -> Path:
+            """The playbook as this epoch's adaptation left it (kept as written when a resumed run gets here)."""
+            path = directory / f"playbook_epoch{epoch}.jsonl"
+            if not path.is_file():
+                playbook.save(path)
+            return path
+
         table, baseline, best = [], None, (-1.0, 0)
-        for epoch in range(config.epochs + 1):
-            stats: Counter = Counter()
-            mode = "baseline" if epoch == 0 else "ace"
-            if epoch > 0 and not config.online:
-                run_pass(loop, roles_, playbook, save, Pass(f"epoch{epoch}/train", splits["train"], mode, True,
-                                                            "train", epoch, directory / "train" / f"epoch{epoch}.csv"),
-                         meta, stats)
-                val = pass_summary(run_pass(loop, roles_, playbook, save, Pass(
-                    f"epoch{epoch}/val", splits["val"], mode, False, "val", epoch,
-                    directory / "val" / f"epoch{epoch}.csv"), meta, stats))
-                if val["accuracy"] > best[0]:
-                    best = (val["accuracy"], epoch)
-                    playbook.save(directory / "playbook_best.jsonl")
-            rows = run_pass(loop, roles_, playbook, save, Pass(
-                f"epoch{epoch}/{test_split}", splits[test_split], mode, config.online and epoch > 0, test_split, epoch,
-                directory / f"epoch{epoch}.csv"), meta, stats)
-            if epoch > 0:
-                playbook.save(directory / f"playbook_epoch{epoch}.jsonl")
-            summary = pass_summary(rows)
-            outcomes = {r["sample_id"]: int(bool(r["correct"])) for r in rows}
-            baseline = baseline or outcomes
-            ids = sorted(outcomes)
-            test = mcnemar_exact(np.array([baseline[i] for i in ids]), np.array([outcomes[i] for i in ids]))
-            table.append({"epoch": epoch, "mode": mode, "split": test_split, **summary,
-                          "mcnemar_p": test["p"], "only_baseline": test["only_a"],
-                          "only_ace": test["only_b"], "playbook_size": len(playbook) if epoch else 0,
-                          "playbook_tokens": playbook.tokens() if epoch else 0,
-                          "val_accuracy": val["accuracy"] if epoch and not config.online else None, **stats})
-            loop.writer.write({"kind": "summary", "of": f"epoch{epoch}", **table[-1]})
-            print(describe(f"epoch {epoch} ({mode}, {test_split})", summary, playbook if epoch else None)
-                  + (f", McNemar p={test['p']:.3g} vs epoch 0" if epoch else ""))
+        try:
+            for epoch in range(config.epochs + 1):
+                stats: Counter = Counter()
+                val = None
+                if epoch > 0 and not config.online:
+                    one_pass("train", "train", epoch, True, directory / "train" / f"epoch{epoch}.csv")
+                    snapshot(epoch)
+                    val = pass_summary(one_pass("val", "val", epoch, False, directory / "val" / f"epoch{epoch}.csv"))
+                    best = max(best, (val["accuracy"], -epoch))  # ties go to the earlier epoch
+                rows = one_pass(test_split, test_split, epoch, config.online and epoch > 0, directory / f"epoch{epoch}.csv")
+                adapted = Playbook.load(snapshot(epoch), count_tokens=playbook.count_tokens) if epoch else None
+                summary = pass_summary(rows)
+                outcomes = {r["sample_id"]: bool(r["correct"]) for r in rows}
+                baseline = baseline or outcomes
+                ids = sorted(outcomes)
+                test = mcnemar_exact([baseline[i] for i in ids], [outcomes[i] for i in ids])
+                table.append({"epoch": epoch, "mode": "ace" if epoch else "baseline", "split": test_split, **summary,
+                              "mcnemar_p": test["p_value"], "only_baseline": test["a_only"], "only_ace": test["b_only"],
+                              "playbook_size": len(adapted) if adapted else 0,
+                              "playbook_tokens": adapted.tokens() if adapted else 0,
+                              "val_accuracy": val["accuracy"] if val else None, **stats})
+                loop.writer.write({"kind": "summary", "of": f"epoch{epoch}", **table[-1]})
+                print(describe(f"epoch {epoch} ({table[-1]['mode']}, {test_split})", summary, adapted)
+                      + (f", McNemar p={test['p_value']:.3g} vs epoch 0" if epoch else ""))
+        except Paused:
+            print(f"paused; continue with: {loop.resume_command('lab ace epochs')}")
+            return loop.pause()
         if not config.online:
-            print(f"best val epoch: {best[1]} (val accuracy {best[0]:.3f}); its playbook: "
+            shutil.copyfile(directory / f"playbook_epoch{-best[1]}.jsonl", directory / "playbook_best.jsonl")
+            print(f"best val epoch: {-best[1]} (val accuracy {best[0]:.3f}); its playbook: "
                   f"{directory / 'playbook_best.jsonl'}")
         write_table(directory / "epoch_summary", table)
         print(markdown_table(table, EPOCH_COLUMNS))
