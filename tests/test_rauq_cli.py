@@ -37,7 +37,8 @@ def test_select_heads_then_score_with_them(tiny_llama_dir, calibration, tmp_path
     assert heads.layers == [0, 1] and heads.alpha == 0.5 and heads.num_examples == 3  # a chat template: instruct
     # the same choice by hand over the same three pairs
     loaded = load_causal_lm(model, device="cpu", dtype="fp32")
-    rows = [(encode_prompt(loaded.tokenizer, prompt), loaded.tokenizer(completion, add_special_tokens=False)["input_ids"])
+    rows = [(encode_prompt(loaded.tokenizer, prompt),
+             loaded.tokenizer(completion, add_special_tokens=False)["input_ids"])
             for _, prompt, completion in calibration_pairs(calibration, "all", 3)]
     selection = HeadSelection(2, 4)
     for _, attention in completion_attention(loaded.model, [p for p, _ in rows], [c for _, c in rows]):

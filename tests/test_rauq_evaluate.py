@@ -50,7 +50,8 @@ def test_evaluate_writes_results_summary_trace_and_repairs(tiny_llama_dir, heads
     args = ["rauq", "evaluate", *common(tiny_llama_dir, heads), "--benchmark", str(problems), "--split", "all",
             "--scorer", "test_rauq_cli:label_by_id", "--trigger", "margin", "--threshold_type", "fixed", "--theta",
             "-1", "--stability_window", "3", "--max_repairs", "1", "--output_dir", str(tmp_path / "runs"), "--name",
-            "e", "--progress", "false", "--save_repairs", str(repairs), "--only_correct", "true", "--uncertainty", "true"]
+            "e", "--progress", "false", "--save_repairs", str(repairs), "--only_correct", "true",
+            "--uncertainty", "true"]
     assert lab(args) == 0
     run = tmp_path / "runs" / "e"
     lines = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()[1:]]

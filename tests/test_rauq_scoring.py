@@ -170,7 +170,8 @@ def test_lm_polygraph_convention_reproduces_the_reference_on_generate_step_atten
 def test_head_selection_pools_completion_tokens():
     selection = HeadSelection(num_layers=2, num_heads=2)
     selection.add(torch.tensor([[[0.0, 0.9], [0.0, 0.1]], [[0.0, 0.1], [0.0, 0.2]]]))
-    selection.add(torch.tensor([[[5.0, 0.1, 0.1, 0.1], [0.0, 0.5, 0.5, 0.5]], [[0.0, 0.1, 0.1, 0.1], [0.0, 0.2, 0.2, 0.2]]]))
+    selection.add(torch.tensor([[[5.0, 0.1, 0.1, 0.1], [0.0, 0.5, 0.5, 0.5]],
+                                [[0.0, 0.1, 0.1, 0.1], [0.0, 0.2, 0.2, 0.2]]]))
     # layer 0: head 0 = (0.9 + 0.3) / 4 = 0.3, head 1 = (0.1 + 1.5) / 4 = 0.4
     assert selection.heads([0, 1]) == {0: 1, 1: 1}
     with pytest.raises(UserError, match="no token after their first"):
@@ -189,7 +190,8 @@ def test_heads_file_round_trip_and_refusals(tmp_path):
         heads.save(path)
     with pytest.raises(UserError, match=r"'tiny', not for 'other-model'"):
         load_heads(path, "other-model", 6, 4)
-    with pytest.raises(UserError, match=r"chosen on 'tiny' \(6 layers x 4 heads.*\(3, 0\)\]\), but 'tiny' has 2 layers x 4 heads"):
+    with pytest.raises(UserError, match=r"chosen on 'tiny' \(6 layers x 4 heads.*\(3, 0\)\]\), "
+                                        r"but 'tiny' has 2 layers x 4 heads"):
         load_heads(path, "tiny", 2, 4)
     broken = tmp_path / "broken.json"
     broken.write_text('{"heads": {"2": 1}}')
@@ -217,7 +219,8 @@ def test_fit_threshold_cuts_at_youden_j_and_refuses_one_class(tmp_path):
     assert fit["coef"] > 0 and fit["auroc"] == pytest.approx(15 / 16)
     with pytest.raises(UserError, match="all 3 calibration samples are correct.*--calibration"):
         fit_threshold(np.array([1.0, 2.0, 3.0]), np.zeros(3, dtype=bool))
-    threshold = Threshold(trigger="rauq", unit="token", alpha=0.5, model="tiny", heads_hash="sha256:h", data_hash="sha256:d",
+    threshold = Threshold(trigger="rauq", unit="token", alpha=0.5, model="tiny", heads_hash="sha256:h",
+                          data_hash="sha256:d",
                           num_outputs=2, **fit)
     threshold.save(tmp_path / "theta.json")
     loaded = load_threshold(tmp_path / "theta.json")

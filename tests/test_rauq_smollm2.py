@@ -62,7 +62,8 @@ def test_controller_at_infinite_theta_is_greedy_and_its_running_score_is_the_off
     greedy = sampler.generate([question], greedy=True, max_new_tokens=24).completions[0][0]
     heads = HeadsFile({layer: layer % 9 for layer in range(10, 21)}, list(range(10, 21)), 0.5, loaded.spec, 30, 9,
                       "paper", "sha256:test", 0)
-    out = RAUQController(loaded, ControllerConfig(max_new_tokens=24), heads, math.inf, sampler=sampler).generate(question)
+    controller = RAUQController(loaded, ControllerConfig(max_new_tokens=24), heads, math.inf, sampler=sampler)
+    out = controller.generate(question)
     assert out.token_ids == greedy.token_ids and out.trigger_events == []
     (logprobs, attention), = completion_attention(loaded.model, [sampler.encode(question)], [out.token_ids])
     assert out.rauq_scores[-1] == pytest.approx(score_sequence(logprobs, attention, 0.5, heads=heads.heads).score,

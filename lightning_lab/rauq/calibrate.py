@@ -266,7 +266,8 @@ def run_fit_threshold(config: FitThresholdConfig) -> int:
     threshold = Threshold(trigger=config.trigger, unit=config.unit, num_outputs=outputs, alpha=alpha, model=loaded.spec,
                           heads_hash=file_hash(config.heads), data_hash=file_hash(config.calibration), **fit)
     threshold.save(config.output)
-    print(f"theta = {threshold.theta:.4f} ({config.trigger}, {config.unit} unit, {threshold.num_samples} samples from {outputs} "
+    print(f"theta = {threshold.theta:.4f} ({config.trigger}, {config.unit} unit, {threshold.num_samples} samples "
+          f"from {outputs} "
           f"outputs, {threshold.num_wrong} wrong; AUROC {threshold.auroc:.3f}, Youden J {threshold.youden_j:.3f}) "
           f"-> {config.output}")
     return 0

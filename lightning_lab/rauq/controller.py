@@ -208,7 +208,8 @@ class RAUQController:
                 break
             in_window = answer_count <= config.stability_window or (
                 last_repair_at is not None and answer_count - last_repair_at <= config.cooldown)
-            if token.signal is None or not token.signal > self.threshold or in_window or len(events) >= config.max_repairs:
+            fires = token.signal is not None and token.signal > self.threshold
+            if not fires or in_window or len(events) >= config.max_repairs:
                 continue
             trace[-1]["trigger"] = True
             count = self._rollback_count(tokens, segment_start)
@@ -227,11 +228,11 @@ class RAUQController:
             answer_count -= count
             last_repair_at = answer_count
             if config.repair == "cot":
-                prefix = self._text(tokens)
+                before = self._text(tokens)
                 thought, used, sampled = self._think(state, tokens, trace, config.cot_horizon - thought_budget)
                 decoded += used
                 thought_budget += sampled
-                repairs.append({"prefix": prefix, "cot": thought, "trigger_position": event["position"],
+                repairs.append({"prefix": before, "cot": thought, "trigger_position": event["position"],
                                 "thought_end": len(tokens)})
                 segment_start = len(tokens)
             else:  # rerank: the chosen token is the next answer token

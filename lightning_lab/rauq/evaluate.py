@@ -209,7 +209,8 @@ def summarize(records: list[dict]) -> dict:
     names = sorted({name for r in scored for name, value in r["uncertainty"].items() if value is not None})
     auroc = {name: auroc_interval([r["uncertainty"][name] for r in scored], [not r["correct"] for r in scored])
              for name in names if all(r["uncertainty"].get(name) is not None for r in scored)}
-    return {**({"auroc_wrong": auroc} if auroc else {}), "problems": count, "accuracy": correct / count, "accuracy_per_1k_tokens": 1000 * correct / max(tokens, 1),
+    return {**({"auroc_wrong": auroc} if auroc else {}), "problems": count, "accuracy": correct / count,
+            "accuracy_per_1k_tokens": 1000 * correct / max(tokens, 1),
             "mean_tokens": tokens / count, "mean_extra_tokens": sum(r["extra_tokens"] for r in records) / count,
             "trigger_rate": sum(r["triggers"] > 0 for r in records) / count,
             "triggers_per_problem": sum(r["triggers"] for r in records) / count,
@@ -364,7 +365,8 @@ def run_ablate(config: AblateConfig) -> int:
             summary[name] = summarize(cell)
             if name != "greedy":
                 # a = greedy, b = this cell: only_b counts problems only this cell solved
-                summary[name]["mcnemar_vs_greedy"] = mcnemar_exact(np.array(greedy), np.array([r["correct"] for r in cell]))
+                outcomes = np.array([r["correct"] for r in cell])
+                summary[name]["mcnemar_vs_greedy"] = mcnemar_exact(np.array(greedy), outcomes)
         write_json_atomic(run.directory / "summary.json", summary)
     print(ablation_table(summary))
     print(f"results: {run.results_path}")

@@ -115,7 +115,8 @@ def load_heads(path: str | os.PathLike, model: str | None = None, num_layers: in
 
 
 
-def calibration_pairs(path: str | os.PathLike, split: str = "all", limit: int | None = None) -> list[tuple[str, str, str]]:
+def calibration_pairs(path: str | os.PathLike, split: str = "all",
+                      limit: int | None = None) -> list[tuple[str, str, str]]:
     """(id, prompt, completion) of the pairs of a JSONL or TSV calibration file (`data.benchmarks.load_benchmark`:
     ``split`` all, or its dev or test half; ``limit`` a fixed seed-0 choice; an empty prompt or completion is a
     `DataError` naming file:line). A GSM8K or MATH record's completion is its full solution, any other record's
