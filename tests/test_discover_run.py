@@ -152,3 +152,12 @@ def test_smollm2_runs_both_arms_from_the_shipped_config(tmp_path):
     bon, ttt = results(tmp_path / "runs" / "bestofn"), results(tmp_path / "runs" / "ttt")
     assert bon["rev"]["prompt"] == ttt["rev"]["prompt"] and "<|im_start|>" in bon["rev"]["prompt"]
     assert ttt["rev"]["flops"]["backward"] > 0 and len(ttt["rev"]["rewards"]) == 3
+
+
+def test_ttt_runs_on_the_lab_gpt(tmp_path, tiny_lab_gpt_dir, capsys):
+    tasks = task_file(tmp_path, TASKS[:1])
+    assert run(DiscoverConfig(tasks=str(tasks), model=str(tiny_lab_gpt_dir), mode="ttt", name="gpt",
+                              output_dir=str(tmp_path / "runs"), **dict(TINY, steps=1))) == 0
+    result = results(tmp_path / "runs" / "gpt")["rev"]
+    assert result["samples"] == 6 and result["flops"]["backward"] > 0
+    assert "1 tasks, mean best reward" in capsys.readouterr().out

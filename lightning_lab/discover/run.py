@@ -295,6 +295,8 @@ def run(config: DiscoverConfig) -> int:
             arm = TestTimeTrainer(loaded, config)
             loaded = LoadedModel(arm.model, loaded.tokenizer, loaded.spec, loaded.device, loaded.dtype)
         sampler = Sampler(loaded)
+        sampler.generate([prompt_ids(sampler, tasks[0], config.chat)], max_new_tokens=1)  # first-call costs (a
+        # kernel build, lazy initialisation) stay outside every task's seconds, so the arms' wall-clocks compare
         weights = linear_weights(loaded.model)
         loop.start(total=len(tasks), header={"engine": engine_info(sampler), "model_spec": loaded.spec,
                                              "linear_weights": weights, "tasks_file": str(config.tasks)})
@@ -317,4 +319,18 @@ def run(config: DiscoverConfig) -> int:
                 loop.write(summary_line(result))
                 (task_dir / "progress.pt").unlink(missing_ok=True)
                 bar.update()
+    print(summary_text(loop.results_path))
     return loop.exit_status
+
+
+def summary_text(path: Path) -> str:
+    """One line: tasks done, mean best reward, exact rate, samples and seconds (from summary.jsonl)."""
+    from lightning_lab.data.io import read_jsonl
+
+    lines = [record for _, record in read_jsonl(path) if record.get("kind") != "header"]
+    if not lines:
+        return f"{path}: no finished task"
+    count = len(lines)
+    return (f"{path}: {count} tasks, mean best reward {sum(r['reward'] for r in lines) / count:.3f}, "
+            f"exact {sum(r['exact'] for r in lines)}/{count}, {sum(r['samples'] for r in lines)} samples, "
+            f"{sum(r['seconds'] for r in lines):.1f} s")
