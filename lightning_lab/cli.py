@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bon": ("lightning_lab.bon.cli:main", "best-of-N: collect | distill | analyze | predict"),
     "quietstar": ("lightning_lab.quietstar.cli:main", "Quiet-STaR: bake thoughts into weights (fit | validate | predict | bake)"),
     "rauq": ("lightning_lab.rauq.cli:main", "RAUQ-CoT: score | select-heads | fit-threshold | run | evaluate | ablate"),
-    "discover": ("lightning_lab.discover.cli:main", "discovery suite: run (best-of-N | TTT)"),
+    "discover": ("lightning_lab.discover.cli:main", "discovery suite: run (best-of-N | TTT) | compare"),
     "ace": ("lightning_lab.ace.cli:main", "evolving playbooks (ACE): run | epochs | grid | summarize"),
     "ab": ("lightning_lab.eval.ab:main", "A/B test of two arms (settings or models) on one benchmark: McNemar, bootstrap"),
 }

@@ -59,6 +59,7 @@ def test_both_arms_give_byte_identical_prompts_and_count_their_budget(tmp_path, 
         assert not (tmp_path / "runs/ttt/tasks" / task.id / "progress.pt").exists()
     summary = [json.loads(line) for line in (tmp_path / "runs/ttt/summary.jsonl").open()]
     assert summary[0]["kind"] == "header" and [s["id"] for s in summary[1:]] == [task.id for task in TASKS]
+    assert lab(["discover", "compare", "--runs", f"[{tmp_path / 'runs/bon'},{tmp_path / 'runs/ttt'}]"]) == 0
 
 
 def test_ttt_step_raises_the_log_prob_of_high_reward_rollouts(tmp_path, tiny_llama_dir):
