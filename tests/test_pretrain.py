@@ -187,7 +187,7 @@ def test_export_round_trip(data, tmp_path, monkeypatch):
                "--ckpt_path", "last", "--data.prompts", str(prompts), "--model.predict.max_new_tokens", "5"]
     main(predict)
     lines = read_jsonl(tmp_path / "pretrain" / "export" / "predictions.jsonl")
-    assert lines[0]["header"]["prompts"] == str(prompts)
+    assert lines[0]["header"]["prompts"] == str(prompts) and "threads" in lines[0]["header"]["engine"]
     assert [(line["id"], line["prompt"]) for line in lines[1:]] == [("prompts-1", prompt), ("prompts-3", "the cat")]
     from lightning_lab.sampling.sampler import Sampler
 

@@ -144,7 +144,8 @@ def test_sft_loss_falls_and_merged_model_equals_adapter(tiny_llama_dir, tmp_path
                "--data.predict_split", "all", "--model.predict.max_new_tokens", "6"]
     assert lab_main([*predict, "--ckpt_path", "last"]) == 0
     lines = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    assert lines[0]["header"]["ckpt_path"].endswith("last.ckpt") and lines[0]["header"]["predict"]["greedy"]
+    header = lines[0]["header"]
+    assert header["ckpt_path"].endswith("last.ckpt") and header["predict"]["greedy"] and header["engine"]["threads"] > 0
     assert [line["id"] for line in lines[1:]] == [pair["id"] for pair in PAIRS]
     expected = Sampler(load_adapter(adapter, device="cpu", dtype="fp32")).generate(
         [pair["prompt"] for pair in PAIRS], max_new_tokens=6, greedy=True)

@@ -43,6 +43,7 @@ from lightning_lab.callbacks.tracker import RunTracker
 from lightning_lab.data.benchmarks import Sample, load_benchmark
 from lightning_lab.data.io import DataError, JsonlWriter, read_jsonl, read_yaml_or_json
 from lightning_lab.errors import UserError, check_input_file, check_writable_dir
+from lightning_lab.loops import engine_info
 from lightning_lab.models.loading import LoadedModel, load_causal_lm, load_checkpoint
 from lightning_lab.models.lora import LoraSettings, add_lora, save_adapter
 from lightning_lab.sampling.sampler import Sampler
@@ -524,7 +525,7 @@ class LoraModule(L.LightningModule):
     and ``predict``: the generations of the model (a checkpoint via ``--ckpt_path``, or an adapter
     directory via ``--model.adapter``) on the prompts of ``data.predict_split``, written to
     ``<run>/<predict.output>``: a first line ``{"header": {...}}`` (model, adapter, checkpoint, decoding
-    settings), then one line per prompt ``{"id", "prompt", "reference", "completions": [{"text",
+    settings, the sampler's engine), then one line per prompt ``{"id", "prompt", "reference", "completions": [{"text",
     "finish_reason", "num_tokens"}]}`` (`predict_record`; RL adds each completion's reward).
     """
 
@@ -544,6 +545,7 @@ class LoraModule(L.LightningModule):
         self.tokenizer = None
         self.strict_loading = False  # only LoRA weights are saved; on_load_checkpoint checks them
         self.predictions: JsonlWriter | None = None
+        self.predict_sampler: Sampler | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -608,14 +610,16 @@ class LoraModule(L.LightningModule):
             predictions_path(self.trainer, self.predict_settings)
 
     def on_predict_start(self) -> None:
+        self.predict_sampler = self.sampler()  # the weights do not change while predicting
         self.predictions = JsonlWriter(predictions_path(self.trainer, self.predict_settings))
         self.predictions.write({"header": {
             "stage": type(self).__name__, "model": self.hparams.model, "adapter": self.hparams.adapter,
-            "ckpt_path": self.trainer.ckpt_path, "predict": asdict(self.predict_settings), "time": time.time()}})
+            "ckpt_path": self.trainer.ckpt_path, "predict": asdict(self.predict_settings),
+            "engine": engine_info(self.predict_sampler), "time": time.time()}})
 
     def predict_step(self, samples: list[Sample], batch_idx: int) -> None:
         settings = self.predict_settings
-        generation = self.sampler().generate(
+        generation = self.predict_sampler.generate(
             [sample.prompt for sample in samples], n=settings.n, max_new_tokens=settings.max_new_tokens,
             greedy=settings.greedy, temperature=settings.temperature, top_p=settings.top_p,
             seed=settings.seed + batch_idx, batch_size=len(samples))

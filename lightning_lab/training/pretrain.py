@@ -26,7 +26,8 @@ Both losses are the mean negative log-likelihood from the lab's teacher-forced s
 
 ``lab pretrain predict`` writes continuations of the prompts in ``data.prompts`` (a text file, one
 prompt per line) to ``<run>/<model.predict.output>`` (``predictions.jsonl``; never overwritten): a
-header line, then ``{"id", "prompt", "completions": [{"text", "finish_reason", "num_tokens"}]}`` per
+header line (checkpoint, settings, the sampler's engine), then
+``{"id", "prompt", "completions": [{"text", "finish_reason", "num_tokens"}]}`` per
 prompt, decoded by the lab sampler without a chat template (``model.predict``: `PredictSettings`).
 
 Written to the run directory (beside ``checkpoints/``): ``model_config.json`` (the LabGPTConfig,
@@ -52,6 +53,7 @@ from torchmetrics import MeanMetric
 from lightning_lab.data.io import JsonlWriter, read_yaml_or_json, write_json_atomic
 from lightning_lab.data.packed import PackedDataModule
 from lightning_lab.data.tokenizer import load_tokenizer
+from lightning_lab.loops import engine_info
 from lightning_lab.models.gpt import LabGPTConfig, LabGPTForCausalLM
 from lightning_lab.models.loading import LoadedModel
 from lightning_lab.models.scoring import score
@@ -104,6 +106,7 @@ class PretrainModule(L.LightningModule):
         self.model = LabGPTForCausalLM(build_model_config(model_config, self.tokenizer))
         self.val_loss = MeanMetric()  # token-weighted
         self.predictions: JsonlWriter | None = None
+        self.predict_sampler: Sampler | None = None
 
     # ---- run directory -------------------------------------------------------------------
 
@@ -155,15 +158,16 @@ class PretrainModule(L.LightningModule):
     # ---- predict: continuations of prompts -----------------------------------------------
 
     def on_predict_start(self) -> None:
+        loaded = LoadedModel(self.model, self.tokenizer, "pretrain", self.device, next(self.model.parameters()).dtype)
+        self.predict_sampler = Sampler(loaded)  # the weights do not change while predicting
         self.predictions = JsonlWriter(predictions_path(self.trainer, self.predict_settings))
         self.predictions.write({"header": {"stage": "pretrain", "prompts": self.trainer.datamodule.prompts,
-                                           "ckpt_path": self.trainer.ckpt_path,
-                                           "predict": asdict(self.predict_settings), "time": time.time()}})
+                                           "ckpt_path": self.trainer.ckpt_path, "predict": asdict(self.predict_settings),
+                                           "engine": engine_info(self.predict_sampler), "time": time.time()}})
 
     def predict_step(self, batch: list[tuple[str, str]], batch_idx: int) -> None:
         settings = self.predict_settings
-        loaded = LoadedModel(self.model, self.tokenizer, "pretrain", self.device, next(self.model.parameters()).dtype)
-        generation = Sampler(loaded).generate(
+        generation = self.predict_sampler.generate(
             [prompt for _, prompt in batch], n=settings.n, max_new_tokens=settings.max_new_tokens, chat=False,
             greedy=settings.greedy, temperature=settings.temperature, top_p=settings.top_p,
             seed=settings.seed + batch_idx, batch_size=len(batch))
