@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import yaml
 
 from lightning_lab.data.io import DataError
 from lightning_lab.errors import UserError
-from lightning_lab.eval.ab import ABConfig, compare, load_arm, paired_ttest, run_ab
+from lightning_lab.eval.ab import ABConfig, PlainArm, compare, load_arm, paired_ttest, run_ab
 
 
 def paired_table(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,18 +89,45 @@ def test_an_a_a_test_is_never_a_winner(tiny_llama_dir, tiny_items, tmp_path):
     arm = {"model": str(tiny_llama_dir), "temperature": 1.0, "max_new_tokens": 8}
     config = ABConfig(a=write_arm(tmp_path / "same.yaml", **arm), b=write_arm(tmp_path / "again.yaml", **arm),
                       dataset=str(tiny_items), split="all", samples=6, rounds=2, output_dir=str(tmp_path / "runs"),
-                      improvement_threshold=0.0, alpha=0.99, device="cpu", dtype="fp32")
+                      name="aa", improvement_threshold=0.0, alpha=0.99, device="cpu", dtype="fp32")
     results = run_ab(config)
     assert results["winner"] is None and results["improvement"] == 0 and results["mcnemar_p"] == 1.0
     for key in ("baseline_accuracy", "thoughts_accuracy", "improvement", "relative_improvement", "mcnemar_p",
                 "bootstrap_ci", "ttest_p", "mde", "winner", "rounds"):
         assert key in results
-    out = tmp_path / "runs" / "same_vs_again"
+    out = tmp_path / "runs" / "aa"
     assert json.loads((out / "ab_results.json").read_text())["winner"] is None
     assert (out / "ab_rounds.png").stat().st_size > 0
-    assert len((out / "outcomes.jsonl").read_text().splitlines()) == 2 * 2 * 6
-    with pytest.raises(UserError, match="holds an A/B result already"):
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1 + 2 * 2 * 6  # a header, then the outcomes
+    with pytest.raises(UserError, match="the run exists"):
         run_ab(config)
+
+
+def test_resume_runs_only_the_missing_rounds(tiny_llama_dir, tiny_items, tmp_path, monkeypatch):
+    arm = {"model": str(tiny_llama_dir), "temperature": 1.0, "max_new_tokens": 8}
+    settings = dict(a=write_arm(tmp_path / "a.yaml", **arm), b=write_arm(tmp_path / "b.yaml", **arm, top_p=0.5),
+                    dataset=str(tiny_items), split="all", samples=6, rounds=2, output_dir=str(tmp_path / "runs"),
+                    device="cpu", dtype="fp32")
+    straight = run_ab(ABConfig(**settings, name="straight"))
+    calls = []
+    original = PlainArm.answers
+
+    def ctrl_c_in_the_third_round(self, samples, seed):
+        calls.append((self.name, seed))
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the round finishes; PauseFlag stops before the next one
+        return original(self, samples, seed)
+
+    monkeypatch.setattr(PlainArm, "answers", ctrl_c_in_the_third_round)
+    assert run_ab(ABConfig(**settings, name="paused")) is None
+    assert calls == [("a", 0), ("a", 1), ("b", 0)]
+    heartbeat = json.loads((tmp_path / "runs" / "paused" / "_run_tracker" / "heartbeat.json").read_text())
+    assert (heartbeat["status"], heartbeat["step"]) == ("paused", 3 * 6)
+    calls.clear()
+    resumed = run_ab(ABConfig(**settings, name="paused", resume=True))
+    assert calls == [("b", 1)]  # only the round that had not run
+    for key in ("baseline_accuracy", "thoughts_accuracy", "mcnemar_p", "bootstrap_ci", "rounds"):
+        assert resumed[key] == straight[key]
 
 
 def test_thought_arm_records_thoughts_and_trace_quality(tiny_llama_dir, tiny_items, tmp_path):
@@ -107,11 +136,11 @@ def test_thought_arm_records_thoughts_and_trace_quality(tiny_llama_dir, tiny_ite
                          init_args={"model": str(tiny_llama_dir), "greedy": True, "max_new_tokens": 6,
                                     "thoughts": {"thought_probability": 1.0, "max_thought_length": 3}})
     config = ABConfig(a=plain, b=thoughts, dataset=str(tiny_items), split="all", samples=4, rounds=1,
-                      output_dir=str(tmp_path / "runs"), device="cpu", dtype="fp32")
+                      output_dir=str(tmp_path / "runs"), name="pt", device="cpu", dtype="fp32")
     results = run_ab(config)
     assert results["arms"]["thoughts"]["class"] == "ThoughtArm"
-    lines = [json.loads(line) for line in (tmp_path / "runs" / "plain_vs_thoughts" / "outcomes.jsonl").open()]
-    thought_lines = [line for line in lines if line["arm"] == "thoughts"]
+    lines = [json.loads(line) for line in (tmp_path / "runs" / "pt" / "results.jsonl").open()]
+    thought_lines = [line for line in lines if line.get("arm") == "thoughts"]
     assert len(thought_lines) == 4
     for line in thought_lines:
         assert line["thoughts"] and line["thoughts"][0]["position"] == 0 and isinstance(line["quality"], float)
@@ -120,7 +149,7 @@ def test_thought_arm_records_thoughts_and_trace_quality(tiny_llama_dir, tiny_ite
 
 def test_bad_input_is_a_clear_error(tiny_llama_dir, tiny_items, tmp_path):
     arm = write_arm(tmp_path / "arm.yaml", model=str(tiny_llama_dir))
-    with pytest.raises(UserError, match="rounds: must be >= 1"):
+    with pytest.raises(UserError, match="rounds: must be an integer >= 1"):
         ABConfig(a=arm, b=arm, rounds=0)
     with pytest.raises(UserError, match="unknown keys \\['temprature'\\]"):
         load_arm(write_arm(tmp_path / "typo.yaml", temprature=0.5), "--a")

@@ -8,6 +8,7 @@ import pytest
 
 from lightning_lab.cli import main as lab_main
 from lightning_lab.errors import UserError
+from lightning_lab.eval.ab import PlainArm
 from lightning_lab.quietstar import pipeline
 from lightning_lab.quietstar.pipeline import QuietSTaRBaker, QuietSTaRConfig
 
@@ -50,8 +51,8 @@ def test_pipeline_bakes_only_when_thoughts_win_unless_forced(tiny_llama_dir, ite
     summary = pipeline.closing_summary(results)
     assert "baked model saved to" in summary and "winner" in summary
 
-    # --resume: every step's results are there, nothing runs again
-    monkeypatch.setattr(pipeline, "run_ab", lambda *args, **kwargs: pytest.fail("A/B ran again"))
+    # --resume: every step's results are there, no model is loaded again
+    monkeypatch.setattr(PlainArm, "load", lambda *args, **kwargs: pytest.fail("a model was loaded again"))
     again = QuietSTaRBaker(tiny_config(tiny_llama_dir, items, out, force=True, resume=True)).run()
     assert again["ab_baked"]["improvement"] == results["ab_baked"]["improvement"]
     with pytest.raises(UserError, match="exists and is not empty"):

@@ -26,26 +26,31 @@ The statistics (A is the baseline, B the treatment; accuracy = mean over items a
   alpha``; A's name when A is better by as much and significantly; else None (no winner). An A/A test
   (identical arms) has no discordant pair, so McNemar's p is 1 and there is never a winner.
 
-Written to ``<output_dir>/<name>/``: ``outcomes.jsonl`` (one line per round and item: both answers and
-scores), ``ab_results.json`` (the keys above plus ``baseline_accuracy``, ``thoughts_accuracy``,
+Written to ``<output_dir>/<name>/`` (the loop convention, lightning_lab/loops.py: config.yaml,
+_run_tracker/, ``--resume true``): ``results.jsonl`` (a header, then one line per arm, round and item: the
+answer and its score), ``ab_results.json`` (the keys above plus ``baseline_accuracy``, ``thoughts_accuracy``,
 ``rounds``: per-round accuracies with Wilson intervals, and both arms' configs) and ``ab_rounds.png``
 (per-round accuracy of each arm with its interval).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
+from lightning_lab.callbacks.pause import PauseFlag
 from lightning_lab.data.benchmarks import Sample, load_benchmark
-from lightning_lab.data.io import JsonlWriter, read_yaml_or_json, write_json_atomic
+from lightning_lab.data.io import read_jsonl, read_yaml_or_json, write_json_atomic
 from lightning_lab.errors import UserError
 from lightning_lab.eval.metrics import SCORERS, score
+from lightning_lab.loops import (EXIT_PAUSED, LoopConfig, LoopRun, check_choice, check_count, check_number,
+                                 parse_loop)
 
 POWER = 0.8  # the power at which the minimum detectable effect is given
 
@@ -247,56 +252,45 @@ def plot_rounds(results: dict, path: str | Path) -> Path:
 
 
 @dataclass
-class ABConfig:
-    """`lab ab`: arms A (baseline) and B (treatment) on one benchmark.
+class ABConfig(LoopConfig):
+    """`lab ab`: arms A (baseline) and B (treatment) on one benchmark."""
 
-    Args:
-        a: YAML file of arm A, the baseline (module docstring).
-        b: YAML file of arm B, the treatment.
-        dataset: gsm8k | humaneval | a local JSONL/TSV path (MATH: a local JSONL).
-        split: which split of `dataset` (a local file: dev or test half, or all).
-        samples: how many items (chosen by `seed`, see load_benchmark).
-        rounds: rounds of sampling; round r uses seed ``seed + r`` in both arms.
-        seed: base seed of the rounds, the item choice and the bootstrap.
-        scorer: how an answer is scored (exact, numeric, gsm8k, math, code).
-        alpha: significance level of the exact McNemar test.
-        improvement_threshold: the least absolute accuracy improvement (0.02 = two points) for a winner.
-        confidence: level of the bootstrap and per-round intervals.
-        bootstrap_resamples: resamples of the paired bootstrap.
-        output_dir: results go to <output_dir>/<name>/.
-        name: run name (default: "<a name>_vs_<b name>").
-        device: auto | cpu | cuda | mps.
-        dtype: auto | fp32 | bf16.
-    """
-
-    a: str = ""
-    b: str = ""
-    dataset: str = "gsm8k"
-    split: str = "test"
-    samples: int = 100
-    rounds: int = 3
-    seed: int = 0
-    scorer: str = "gsm8k"
-    alpha: float = 0.05
-    improvement_threshold: float = 0.02
-    confidence: float = 0.95
-    bootstrap_resamples: int = 10_000
     output_dir: str = "runs/ab"
-    name: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
+    """runs go to <output_dir>/<name>/"""
+    a: str = ""
+    """YAML file of arm A, the baseline (PlainArm keys, or class_path + init_args)"""
+    b: str = ""
+    """YAML file of arm B, the treatment"""
+    dataset: str = "gsm8k"
+    """gsm8k | humaneval | a local JSONL/TSV path (MATH: a local JSONL)"""
+    split: str = "test"
+    """which split of the dataset (a local file: dev or test half, or all)"""
+    samples: int = 100
+    """how many items (chosen by seed, see load_benchmark)"""
+    rounds: int = 3
+    """rounds of sampling; round r uses seed + r in both arms"""
+    seed: int = 0
+    """base seed of the rounds, the item choice and the bootstrap"""
+    scorer: str = "gsm8k"
+    """how an answer is scored: exact | numeric | gsm8k | math | code"""
+    alpha: float = 0.05
+    """significance level of the exact McNemar test"""
+    improvement_threshold: float = 0.02
+    """least absolute accuracy improvement for a winner (0.02 = two points)"""
+    confidence: float = 0.95
+    """level of the bootstrap and per-round intervals"""
+    bootstrap_resamples: int = 10_000
+    """resamples of the paired bootstrap"""
 
     def __post_init__(self):
-        if self.rounds < 1:
-            raise UserError(f"rounds: must be >= 1; got {self.rounds}")
-        if self.samples < 1:
-            raise UserError(f"samples: must be >= 1; got {self.samples}")
-        if self.scorer not in SCORERS:
-            raise UserError(f"scorer: {self.scorer!r} is not one of {', '.join(SCORERS)}")
-        if not 0 < self.alpha < 1 or not 0 < self.confidence < 1:
-            raise UserError(f"alpha={self.alpha} and confidence={self.confidence}: each must be in (0, 1)")
-        if not 0 <= self.improvement_threshold <= 1:
-            raise UserError(f"improvement_threshold: {self.improvement_threshold} is not in [0, 1] (absolute points)")
+        super().__post_init__()
+        check_count("rounds", self.rounds)
+        check_count("samples", self.samples)
+        check_count("bootstrap_resamples", self.bootstrap_resamples)
+        check_choice("scorer", self.scorer, SCORERS)
+        check_number("alpha", self.alpha, 0.0, 1.0, low_open=True)
+        check_number("confidence", self.confidence, 0.0, 1.0, low_open=True)
+        check_number("improvement_threshold", self.improvement_threshold, 0.0, 1.0)
 
 
 def check_references(samples: list[Sample], scorer: str, dataset: str) -> None:
@@ -314,9 +308,11 @@ def check_references(samples: list[Sample], scorer: str, dataset: str) -> None:
 
 
 def run_ab(config: ABConfig, arm_a: PlainArm | None = None, arm_b: PlainArm | None = None,
-           samples: list[Sample] | None = None) -> dict:
-    """Run both arms over the items for every round, write the outcomes, results and figure; the results.
-    Arms and items not given come from the config (``a``, ``b``; ``dataset``, ``split``, ``samples``)."""
+           samples: list[Sample] | None = None) -> dict | None:
+    """Run both arms over the items for every round in the run directory <output_dir>/<name>/ (results.jsonl:
+    one line per arm, round and item; ab_results.json; ab_rounds.png); the results, or None when paused.
+    Arms and items not given come from the config (``a``, ``b``; ``dataset``, ``split``, ``samples``).
+    ``--resume true`` keeps the lines already written and runs only the rounds that are not complete."""
     arm_a = arm_a or load_arm(config.a, "--a")
     arm_b = arm_b or load_arm(config.b, "--b")
     if arm_a.name == arm_b.name:
@@ -324,31 +320,45 @@ def run_ab(config: ABConfig, arm_a: PlainArm | None = None, arm_b: PlainArm | No
     if samples is None:
         samples = load_benchmark(config.dataset, split=config.split, limit=config.samples, seed=config.seed)
     check_references(samples, config.scorer, config.dataset)
-    out = Path(config.output_dir) / (config.name or f"{arm_a.name}_vs_{arm_b.name}")
-    if (out / "ab_results.json").exists():
-        raise UserError(f"{out}: holds an A/B result already; choose another --name")
-    out.mkdir(parents=True, exist_ok=True)
-
-    outcomes = {arm.name: np.zeros((len(samples), config.rounds)) for arm in (arm_a, arm_b)}
-    with JsonlWriter(out / "outcomes.jsonl") as writer:
+    arms = {arm.name: {"class": type(arm).__qualname__, **asdict(arm)} for arm in (arm_a, arm_b)}
+    with LoopRun(config, method="ab", required_artifacts=("ab_results.json", "ab_rounds.png")) as run, \
+            PauseFlag() as pause:
+        done_file = run.directory / "ab_results.json"
+        if done_file.is_file():
+            return {**json.loads(done_file.read_text()), "output_dir": str(run.directory)}
+        run.start(total=2 * config.rounds * len(samples), header={"arms": arms})
+        outcomes = {arm.name: np.zeros((len(samples), config.rounds)) for arm in (arm_a, arm_b)}
+        position = {sample.id: index for index, sample in enumerate(samples)}
+        for _, record in read_jsonl(run.results_path):  # lines of an earlier, paused run
+            if "arm" in record:
+                outcomes[record["arm"]][position[record["item"]], record["round"]] = record["score"]
         for arm in (arm_a, arm_b):
-            arm.load(config.device, config.dtype)
-            for round_index in range(config.rounds):
+            todo = [r for r in range(config.rounds)
+                    if any(f"{arm.name}/{r}/{sample.id}" not in run.done for sample in samples)]
+            if todo:
+                arm.load(config.device, config.dtype)
+            for round_index in todo:
+                if pause.requested:
+                    run.pause()
+                    return None
+                # the whole round again (the same seed and batch give the same answers); only missing lines written
                 answers = arm.answers(samples, seed=config.seed + round_index)
                 for item, (sample, answer) in enumerate(zip(samples, answers)):
+                    line_id = f"{arm.name}/{round_index}/{sample.id}"
                     correct = score(config.scorer, answer["text"], sample.reference, sample)
                     outcomes[arm.name][item, round_index] = correct
-                    writer.write({"id": f"{arm.name}/{round_index}/{sample.id}", "arm": arm.name,
-                                  "round": round_index, "item": sample.id, "score": correct, **answer})
-            del arm.sampler, arm.loaded  # one model in memory at a time
-    results = compare(outcomes[arm_a.name], outcomes[arm_b.name], (arm_a.name, arm_b.name), config.alpha,
-                      config.improvement_threshold, config.confidence, config.bootstrap_resamples, config.seed)
-    results["arms"] = {arm.name: {"class": type(arm).__qualname__, **asdict(arm)} for arm in (arm_a, arm_b)}
-    results["config"] = asdict(config)
-    write_json_atomic(out / "ab_results.json", results)
-    plot_rounds(results, out / "ab_rounds.png")
-    results["output_dir"] = str(out)
-    return results
+                    if line_id not in run.done:
+                        run.write({"id": line_id, "arm": arm.name, "round": round_index, "item": sample.id,
+                                   "score": correct, **answer})
+            if todo:
+                del arm.sampler, arm.loaded  # one model in memory at a time
+        results = compare(outcomes[arm_a.name], outcomes[arm_b.name], (arm_a.name, arm_b.name), config.alpha,
+                          config.improvement_threshold, config.confidence, config.bootstrap_resamples, config.seed)
+        results["arms"] = arms
+        results["config"] = asdict(config)
+        plot_rounds(results, run.directory / "ab_rounds.png")
+        write_json_atomic(done_file, results)
+        return {**results, "output_dir": str(run.directory)}
 
 
 def summary(results: dict) -> str:
@@ -369,18 +379,12 @@ def summary(results: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser, ActionConfigFile
-
-    parser = ArgumentParser(prog="lab ab", description=ABConfig.__doc__.split("\n")[0], exit_on_error=False,
-                            default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of the keys below")
-    parser.add_class_arguments(ABConfig, as_group=False)
-    try:
-        namespace = parser.parse_args(argv)
-    except argparse.ArgumentError as error:
-        raise UserError(" ".join(str(error).split())) from None
-    config = ABConfig(**{f.name: namespace[f.name] for f in fields(ABConfig)})
+    _, config = parse_loop("lab", {"ab": (ABConfig, "A/B test of two arms on one benchmark")}, ["ab", *argv])
     results = run_ab(config)
+    if results is None:
+        print(f"paused; continue with: lab ab --config {Path(config.output_dir) / '<name>' / 'config.yaml'} "
+              "--resume true", file=sys.stderr)
+        return EXIT_PAUSED
     print(summary(results))
     print(f"results: {results['output_dir']}/ab_results.json, figure: {results['output_dir']}/ab_rounds.png")
     return 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -40,12 +41,17 @@ from lightning_lab.data.io import JsonlWriter, write_json_atomic
 from lightning_lab.errors import UserError
 from lightning_lab.eval.ab import ABConfig, PlainArm, check_references, run_ab, summary
 from lightning_lab.eval.metrics import score
+from lightning_lab.loops import EXIT_PAUSED
 from lightning_lab.quietstar.arm import ThoughtArm
 from lightning_lab.quietstar.injector import InjectorConfig, ThoughtInjector
 from lightning_lab.quietstar.quality import gold_ids, trace_quality
 from lightning_lab.quietstar.tokens import END_THOUGHT, START_THOUGHT
 
 SCORER_OF = {"gsm8k": "gsm8k", "math": "math", "humaneval": "code"}
+
+
+class Paused(Exception):
+    """A step stopped on Ctrl+C; the pipeline continues from there with --resume true."""
 
 
 @dataclass
@@ -198,17 +204,16 @@ class QuietSTaRBaker:
     # ---- steps ------------------------------------------------------------------------------------
 
     def ab(self, name: str, arm_a: PlainArm, arm_b: PlainArm, items: list) -> dict:
-        """One A/B test on `items` (step 1 or 4), or its earlier results when resuming."""
+        """One A/B test on `items` (step 1 or 4) in <out>/<name>/; its earlier results when resuming."""
         config = self.config
-        done = self.out / name / "ab_results.json"
-        if config.resume and done.is_file():
-            return json.loads(done.read_text())
-        ab_config = ABConfig(dataset=config.eval_dataset, split=config.eval_split,
+        ab_config = ABConfig(output_dir=str(self.out), name=name, resume=config.resume, device=config.device,
+                             dtype=config.dtype, dataset=config.eval_dataset, split=config.eval_split,
                              samples=config.eval_samples, rounds=config.ab_test_rounds, seed=config.seed,
                              scorer=config.resolved_scorer, alpha=config.alpha,
-                             improvement_threshold=config.improvement_threshold, output_dir=str(self.out), name=name,
-                             device=config.device, dtype=config.dtype)
+                             improvement_threshold=config.improvement_threshold)
         results = run_ab(ab_config, arm_a, arm_b, samples=items)
+        if results is None:
+            raise Paused(f"the A/B test {name} was paused; continue with the same command and --resume true")
         print(f"\n[{name}]\n{summary(results)}")
         return results
 
@@ -272,7 +277,7 @@ class QuietSTaRBaker:
             argv += ["--ckpt_path", "last"]
         fit_main(argv)
         if not (baked / "config.json").is_file():  # the stage was paused (Ctrl+C): its checkpoint is kept
-            raise UserError(f"baking paused before the end; continue with the same command and --resume true "
+            raise Paused(f"baking paused before the end; continue with the same command and --resume true "
                             f"(checkpoint: {baked.parent / 'checkpoints' / 'last.ckpt'})")
         return str(baked)
 
@@ -306,6 +311,10 @@ def bake_main(argv: list[str]) -> int:
     except argparse.ArgumentError as error:
         raise UserError(" ".join(str(error).split())) from None
     config = QuietSTaRConfig(**{f.name: namespace[f.name] for f in fields(QuietSTaRConfig)})
-    results = QuietSTaRBaker(config).run()
+    try:
+        results = QuietSTaRBaker(config).run()
+    except Paused as pause:
+        print(f"lab quietstar bake: {pause}", file=sys.stderr)
+        return EXIT_PAUSED
     print(closing_summary(results))
     return 0
