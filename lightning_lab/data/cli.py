@@ -5,6 +5,7 @@
     lab data tokenizer --input data/corpus/train.txt --model-prefix data/tokenizer/lab --vocab-size 512
     lab data pack --tokenizer data/tokenizer/lab --input data/corpus/train.txt --output data/packed/train.bin
     lab data pack --tokenizer data/tokenizer/lab --input data/corpus/val.txt --output data/packed/val.bin
+    lab data discovery-tasks --seed 0 --out-train data/discover/train.jsonl --out-heldout data/discover/heldout.jsonl
 """
 
 from __future__ import annotations
