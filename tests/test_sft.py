@@ -235,3 +235,9 @@ def test_sft_on_smollm2_with_real_gsm8k(gsm8k_path, tmp_path):
     with torch.no_grad():
         logits = loaded.model(**loaded.tokenizer("Natalia sold clips", return_tensors="pt")).logits
     assert torch.isfinite(logits).all()
+
+    predict = ["sft", "predict", *argv[2:], "--ckpt_path", "last", "--data.predict_limit", "2",
+               "--model.predict.max_new_tokens", "24"]
+    assert lab_main(predict) == 0
+    lines = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(line["completions"][0]["num_tokens"] > 0 for line in lines[1:])
