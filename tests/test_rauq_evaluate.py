@@ -36,9 +36,11 @@ def test_run_prints_the_completion_and_writes_the_trace(tiny_llama_dir, heads, t
     trace = tmp_path / "trace.json"
     assert lab(["rauq", "run", *common(tiny_llama_dir, heads), "--prompt", "What is 2 + 3?", "--trigger", "margin",
                 "--threshold_type", "fixed", "--theta", "-1", "--stability_window", "2", "--max_repairs", "1",
-                "--repair", "cot", "--cot_policy", "max20", "--trace_out", str(trace)]) == 0
+                "--repair", "cot", "--cot_policy", "max20", "--trace_out", str(trace),
+                "--trace_png", str(tmp_path / "trace.png")]) == 0
     printed = capsys.readouterr().out
     assert "[1 trigger(s) at answer tokens [2];" in printed
+    assert (tmp_path / "trace.png").read_bytes().startswith(b"\x89PNG")
     saved = json.loads(trace.read_text())
     assert saved["trigger_events"][0]["position"] == 2
     assert sum(entry["rolled_back"] for entry in saved["trace"]) == 2

@@ -101,6 +101,8 @@ class RunConfig(ControllerOptions):
     """the prompt: text, or a path to a text file"""
     trace_out: str | None = None
     """write the trace (every token with its RAUQ score, triggers, rolled-back tokens) as JSON"""
+    trace_png: str | None = None
+    """draw the trace (running RAUQ per token, theta, trigger points, rolled-back tokens, thoughts) as a PNG"""
     trace_tail: int = 12
     """answer tokens of the trace printed"""
 
@@ -108,8 +110,9 @@ class RunConfig(ControllerOptions):
         super().__post_init__()
         if not self.prompt:
             raise UserError("prompt: required (text, or a path to a text file)")
-        if self.trace_out:
-            check_output("trace_out", self.trace_out)
+        for key in ("trace_out", "trace_png"):
+            if getattr(self, key):
+                check_output(key, getattr(self, key))
 
 
 def run_one(config: RunConfig) -> int:
@@ -118,7 +121,8 @@ def run_one(config: RunConfig) -> int:
     path = Path(config.prompt)
     prompt = path.read_text(encoding="utf-8") if len(config.prompt) < 4096 and path.is_file() else config.prompt
     loaded, alpha = config.load()
-    out = config.build(loaded, alpha).generate(prompt)
+    controller = config.build(loaded, alpha)
+    out = controller.generate(prompt)
     print(out.completion)
     print(f"\n[{len(out.trigger_events)} trigger(s) at answer tokens {[e['position'] for e in out.trigger_events]}; "
           f"{out.stats['answer_tokens']} answer + {out.stats['thought_tokens']} thought tokens, "
@@ -131,6 +135,8 @@ def run_one(config: RunConfig) -> int:
     if config.trace_out:
         write_json_atomic(config.trace_out, {"completion": out.completion, "trigger_events": out.trigger_events,
                                              "rauq_scores": out.rauq_scores, "stats": out.stats, "trace": out.trace})
+    if config.trace_png:
+        plot_trace(out, controller.threshold, Path(config.trace_png))
     return 0
 
 
@@ -395,16 +401,18 @@ def plot_trace(out, theta: float, path: Path, title: str = "") -> Path:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     entries = [entry for entry in out.trace if entry["kind"] != "prompt"]
-    kept = [(i, e["rauq"]) for i, e in enumerate(entries) if not e["rolled_back"] and e["rauq"] is not None]
+    # the kept answer's line breaks (NaN) at thoughts and rolled-back tokens
+    kept = [math.nan if e["rolled_back"] or e["rauq"] is None else e["rauq"] for e in entries]
     gone = [(i, e["rauq"]) for i, e in enumerate(entries) if e["rolled_back"] and e["rauq"] is not None]
     thoughts = [i for i, e in enumerate(entries) if e["kind"] == "thought" and not e["rolled_back"]]
     triggers = [(i, e["rauq"]) for i, e in enumerate(entries) if e.get("trigger") and e["rauq"] is not None]
-    if kept:
-        axes.plot(*zip(*kept), ".-", lw=1, ms=3, label="running RAUQ")
+    axes.plot(range(len(kept)), kept, ".-", lw=1, ms=3, label="running RAUQ")
     if gone:
         axes.plot(*zip(*gone), "o", color="0.6", ms=3, label="rolled back")
-    if thoughts:
-        axes.axvspan(min(thoughts), max(thoughts), color="C2", alpha=0.15, label="thought")
+    starts = [i for i in thoughts if i - 1 not in thoughts]
+    ends = [i for i in thoughts if i + 1 not in thoughts]
+    for number, (first, last) in enumerate(zip(starts, ends)):
+        axes.axvspan(first - 0.5, last + 0.5, color="C2", alpha=0.15, label="thought" if number == 0 else None)
     if triggers:
         axes.plot(*zip(*triggers), "x", color="C3", ms=9, mew=2, label="trigger")
     if math.isfinite(theta):
