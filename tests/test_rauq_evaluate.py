@@ -110,5 +110,5 @@ def test_ablate_runs_each_cell_against_greedy(tiny_llama_dir, heads, problems, t
     summary = json.loads((tmp_path / "runs" / "a" / "summary.json").read_text())
     assert list(summary) == ["greedy", "margin-fixed-cot-rauq-fixed2", "margin-fixed-none-fixed2"]
     assert summary["greedy"]["trigger_rate"] == 0 and summary["margin-fixed-none-fixed2"]["trigger_rate"] == 1
-    assert summary["margin-fixed-cot-rauq-fixed2"]["mcnemar_vs_greedy"]["p"] == 1.0  # nothing solved anywhere
+    assert summary["margin-fixed-cot-rauq-fixed2"]["mcnemar_vs_greedy"]["p_value"] == 1.0  # nothing solved anywhere
     assert "margin-fixed-cot-rauq-fixed2" in capsys.readouterr().out

@@ -32,8 +32,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from lightning_lab.data.benchmarks import SPLITS
 from lightning_lab.errors import UserError
 from lightning_lab.loops import LoopConfig, LoopRun, check_choice, check_count, check_input_file, engine_info
@@ -340,7 +338,7 @@ class AblateConfig(EvaluateConfig):
 def run_ablate(config: AblateConfig) -> int:
     from lightning_lab.data.benchmarks import load_benchmark
     from lightning_lab.data.io import write_json_atomic
-    from lightning_lab.eval.ab import mcnemar_exact
+    from lightning_lab.eval.stats import mcnemar_exact
     from lightning_lab.sampling.sampler import Sampler
 
     samples = load_benchmark(config.benchmark, split=config.split, limit=config.limit)
@@ -370,9 +368,8 @@ def run_ablate(config: AblateConfig) -> int:
         for name, cell in by_cell.items():
             summary[name] = summarize(cell)
             if name != "greedy":
-                # a = greedy, b = this cell: only_b counts problems only this cell solved
-                outcomes = np.array([r["correct"] for r in cell])
-                summary[name]["mcnemar_vs_greedy"] = mcnemar_exact(np.array(greedy), outcomes)
+                # a = greedy, b = this cell: b_only counts the problems only this cell solved
+                summary[name]["mcnemar_vs_greedy"] = mcnemar_exact(greedy, [r["correct"] for r in cell])
         write_json_atomic(run.directory / "summary.json", summary)
     print(ablation_table(summary))
     print(f"results: {run.results_path}")
@@ -382,7 +379,7 @@ def run_ablate(config: AblateConfig) -> int:
 def ablation_table(summary: dict) -> str:
     lines = [f"{'cell':<40} {'acc':>6} {'acc/1k tok':>10} {'tokens':>7} {'trig rate':>9} {'p50 s':>6} {'McNemar p':>9}"]
     for name, row in summary.items():
-        p_value = row.get("mcnemar_vs_greedy", {}).get("p")
+        p_value = row.get("mcnemar_vs_greedy", {}).get("p_value")
         lines.append(f"{name:<40} {row['accuracy']:6.3f} {row['accuracy_per_1k_tokens']:10.2f} "
                      f"{row['mean_tokens']:7.1f} {row['trigger_rate']:9.2f} {row['latency_s']['p50']:6.2f} "
                      f"{'-' if p_value is None else f'{p_value:.3g}':>9}")
