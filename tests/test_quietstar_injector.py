@@ -1,5 +1,7 @@
 """ThoughtInjector: thoughts go where and as often as asked, stay in the model's context, never in the text."""
 
+import math
+
 import pytest
 import torch
 
@@ -108,3 +110,22 @@ def test_trace_quality_matches_hand_computed_likelihoods(thinking):
     assert quality.per_thought == pytest.approx(expected, abs=1e-4)
     assert quality.mean == pytest.approx(sum(expected) / 2, abs=1e-4)
     assert trace_quality(model, ThoughtTrace(prompt, visible, visible, [], "", "length"), thoughts, gold).mean is None
+
+
+@pytest.mark.slow
+def test_thoughts_on_smollm2_stay_hidden_and_are_scored(gsm8k_path):
+    from lightning_lab.data.benchmarks import load_benchmark
+
+    loaded = load_causal_lm("smollm2-135m", device="cpu", dtype="fp32")
+    thoughts = add_thought_tokens(loaded.model, loaded.tokenizer)
+    sampler = Sampler(loaded)
+    sample = load_benchmark(gsm8k_path, split="dev", limit=1)[0]
+    config = InjectorConfig(thought_probability=1.0, max_thought_length=8, thought_temperature=0.8)
+    trace = ThoughtInjector(sampler, thoughts, config).generate(sample.prompt, max_new_tokens=40, temperature=0.7,
+                                                                seed=0)
+    assert trace.thoughts and trace.thoughts[0].position == 0 and trace.thoughts[0].injected
+    assert trace.visible_ids == strip_thoughts(trace.token_ids, thoughts)
+    assert trace.text == loaded.tokenizer.decode(trace.visible_ids, skip_special_tokens=True)
+    assert all(thought.text not in trace.text for thought in trace.thoughts if len(thought.text) > 12)
+    quality = trace_quality(loaded.model, trace, thoughts, gold_ids(loaded.tokenizer, sample.reference))
+    assert len(quality.per_thought) == len(trace.thoughts) and math.isfinite(quality.mean)
