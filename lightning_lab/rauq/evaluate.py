@@ -237,32 +237,21 @@ def run_evaluate(config: EvaluateConfig) -> int:
         traced = None
         try:
             todo = [sample for sample in samples if sample.id not in run.done]
-            bar = _progress(todo, config.progress)
-            for start in range(0, len(todo), config.batch_size):
-                batch = todo[start:start + config.batch_size]
-                started = time.perf_counter()
-                prefixes = (controller.greedy_prefixes([sample.prompt for sample in batch])
-                            if config.batch_size > 1 else [None] * len(batch))
-                shared = (time.perf_counter() - started) / len(batch)  # each problem's share of the batched pass
-                for sample, prefix in zip(batch, prefixes):
-                    out = controller.generate(sample.prompt, prefix)
-                    out.stats["seconds"] += shared
-                    if bar is not None:
-                        bar.update(1)
-                    correct = label(out.completion, sample)
-                    record = problem_record(sample, out, correct)
-                    if config.uncertainty:
-                        record["uncertainty"] = {"rauq_running": out.rauq_scores[-1], **uncertainties(
-                            loaded.model, controller.sampler.encode(sample.prompt), out.token_ids, alpha,
-                            controller.scorer.heads if controller.scorer else None)}
-                    run.write(record)
-                    if traced is None and out.trigger_events:
-                        traced = plot_trace(out, controller.threshold, run.directory / "trace.png", title=sample.id)
-                    for record in repair_records(sample, out, correct, loaded.tokenizer) if repairs else []:
-                        if (correct or not config.only_correct) and record["num_tokens"] <= (config.max_repair_tokens
-                                                                                           or math.inf):
-                            repairs.write(json.dumps(record, ensure_ascii=False) + "\n")
-                            repairs.flush()
+            for sample, out in decode(controller, todo, config.batch_size, _progress(todo, config.progress)):
+                correct = label(out.completion, sample)
+                record = problem_record(sample, out, correct)
+                if config.uncertainty:
+                    record["uncertainty"] = {"rauq_running": out.rauq_scores[-1], **uncertainties(
+                        loaded.model, controller.sampler.encode(sample.prompt), out.token_ids, alpha,
+                        controller.scorer.heads if controller.scorer else None)}
+                run.write(record)
+                if traced is None and out.trigger_events:
+                    traced = plot_trace(out, controller.threshold, run.directory / "trace.png", title=sample.id)
+                for repair in repair_records(sample, out, correct, loaded.tokenizer) if repairs else []:
+                    short = repair["num_tokens"] <= (config.max_repair_tokens or math.inf)
+                    if short and (correct or not config.only_correct):
+                        repairs.write(json.dumps(repair, ensure_ascii=False) + "\n")
+                        repairs.flush()
         finally:
             if repairs:
                 repairs.close()
@@ -351,13 +340,8 @@ def run_ablate(config: AblateConfig) -> int:
         run.start(total=len(cells) * len(samples), header={"engine": engine_info(sampler), "alpha": alpha,
                                                            "cells": [name for name, _ in cells]})
         for name, controller in controllers:
-            bar = _progress(samples, config.progress, desc=name)
-            for sample in samples:
-                if bar is not None:
-                    bar.update(1)
-                if f"{name}/{sample.id}" in run.done:
-                    continue
-                out = controller.generate(sample.prompt)
+            todo = [sample for sample in samples if f"{name}/{sample.id}" not in run.done]
+            for sample, out in decode(controller, todo, config.batch_size, _progress(todo, config.progress, name)):
                 run.write({**problem_record(sample, out, label(out.completion, sample)), "id": f"{name}/{sample.id}",
                            "cell": name, "problem": sample.id})
         records = list(_results(run.results_path))
@@ -421,6 +405,24 @@ def plot_trace(out, theta: float, path: Path, title: str = "") -> Path:
     figure.tight_layout()
     figure.savefig(path)
     return path
+
+
+def decode(controller, samples: list, batch_size: int, bar=None):
+    """Yield (sample, `ControllerOutput`) for each problem, `batch_size` at a time: with more than one, a batched
+    greedy pass up to each one's first trigger, then each goes on alone (`RAUQController.greedy_prefixes`).
+    A problem's ``stats["seconds"]`` includes its share of the batched pass."""
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        started = time.perf_counter()
+        prompts = [sample.prompt for sample in batch]
+        prefixes = controller.greedy_prefixes(prompts) if batch_size > 1 else [None] * len(batch)
+        shared = (time.perf_counter() - started) / len(batch)
+        for sample, prefix in zip(batch, prefixes):
+            out = controller.generate(sample.prompt, prefix)
+            out.stats["seconds"] += shared
+            if bar is not None:
+                bar.update(1)
+            yield sample, out
 
 
 def _progress(samples, progress: bool, desc: str = "rauq"):
