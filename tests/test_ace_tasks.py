@@ -40,6 +40,13 @@ def test_seed_format_is_read_as_it_is_and_errors_name_the_item(tmp_path):
 def test_gsm8k_from_a_path(gsm8k_path):
     items = load_items(gsm8k_path)
     assert items[0].answer == "72" and items[0].domain == "math" and items[0].context == ""
+    dev, test = load_items(gsm8k_path, split="dev"), load_items(gsm8k_path, split="test")
+    assert len(dev) + len(test) == len(items) and not {i.id for i in dev} & {i.id for i in test}
+
+
+def test_a_split_of_a_task_file_is_refused(tmp_path):
+    with pytest.raises(DataError, match="dataset_split: 'dev' is for JSONL files"):
+        load_items(task_path("iot_tiny")[0], split="dev")
 
 
 @pytest.mark.parametrize("output, gold, correct", [

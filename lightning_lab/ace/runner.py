@@ -79,6 +79,9 @@ class AceConfig(LoopConfig):
     """a task file: the seed's JSON list of {id, question, answer, context, domain}, or a GSM8K/pairs JSONL"""
     domain: str | None = None
     """domain of the items (default: the task's, or each item's own)"""
+    dataset_split: str = "all"
+    """all | dev | test: for a JSONL dataset_path, the fixed half that lightning_lab.data.benchmarks cuts
+    (GSM8K's train.jsonl: dev = a seed-0 half of it)"""
     limit: int | None = None
     """use this many items, a fixed seeded subset (default: all)"""
     seed: int = 0
@@ -120,6 +123,7 @@ class AceConfig(LoopConfig):
             check_count(key, getattr(self, key))
         check_number("merge_threshold", self.merge_threshold, 0.0, 1.0, low_open=True)
         check_sampling(self.temperature, self.top_p)
+        check_choice("dataset_split", self.dataset_split, ("all", "dev", "test"))
 
 
 @dataclass
@@ -173,7 +177,7 @@ def task_items(config: AceConfig) -> tuple[str, list[Item]]:
         name = config.task_name
     else:
         path, domain, name = Path(config.dataset_path), None, Path(config.dataset_path).stem
-    items = load_items(path, config.domain or domain)
+    items = load_items(path, config.domain or domain, config.dataset_split)
     if config.limit is not None and config.limit < len(items):
         keep = sorted(random.Random(config.seed).sample(range(len(items)), config.limit))
         items = [items[i] for i in keep]

@@ -59,20 +59,24 @@ def task_path(task_name: str) -> tuple[Path, str]:
     return REPO_ROOT / relative, domain
 
 
-def load_items(path: str | os.PathLike, domain: str | None = None) -> list[Item]:
+def load_items(path: str | os.PathLike, domain: str | None = None, split: str = "all") -> list[Item]:
     """Items of a seed-format JSON task file (a list of {id, question, answer, context, domain}) or of a
-    JSONL file that `load_benchmark` reads (GSM8K or prompt/reference pairs). `domain`, when given,
-    replaces the file's. Malformed records are DataErrors naming the file and the item."""
+    JSONL file that `load_benchmark` reads (GSM8K or prompt/reference pairs; ``split`` dev or test picks
+    its fixed half, as `load_benchmark` cuts it). `domain`, when given, replaces the file's. Malformed
+    records are DataErrors naming the file and the item."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset_path: {path}: no such file")
     if path.suffix.lower() == ".json":
+        if split != "all":
+            raise DataError(f"dataset_split: {split!r} is for JSONL files; {path} is a task file, "
+                            "used whole (epochs split it into train/val/test itself)")
         return _read_task_json(path, domain)
-    from lightning_lab.data.benchmarks import read_samples
+    from lightning_lab.data.benchmarks import load_benchmark
 
     return [Item(sample.id, sample.prompt, sample.reference, str(sample.metadata.get("context", "")),
                  domain or str(sample.metadata.get("domain", "")) or ("math" if "solution" in sample.metadata else ""))
-            for sample in read_samples(path)]
+            for sample in load_benchmark(path, split=split)]
 
 
 def _read_task_json(path: Path, domain: str | None) -> list[Item]:
