@@ -468,6 +468,33 @@ def test_ctrl_c_stops_after_the_current_prompt_exits_3_and_keeps_what_was_writte
     assert out.read_text().splitlines() == lines
 
 
+def test_the_loop_closes_collect_distill_sft_recollect(tmp_path, tiny_llama_dir, one_thread, capsys):
+    """The shipped loop (configs/bon/loop.yaml, sft_distill.yaml) on the tiny model: distilled rows train as they
+    are, and the adapter is collected and compared with base. (The tiny random model solves nothing, so the
+    collected run is synthetic: one solved and one unsolved prompt.)"""
+    train = write_synthetic_run(tmp_path / "runs" / "loop" / "train.jsonl", [1.0, 0.0], n=4, seed=0, k_values=(1, 2))
+    distilled = tmp_path / "distill.jsonl"
+    assert lab(["bon", "distill", "--runs", str(train.parent), "--out", str(distilled)]) == 0
+    assert [json.loads(line)["id"] for line in distilled.read_text().splitlines()] == ["q0"]  # only the solved
+    assert lab(["sft", "fit", "--config", str(REPO / "configs/bon/sft_distill.yaml"), "--model.model",
+                str(tiny_llama_dir), "--data.path", str(distilled), "--run.root", str(tmp_path / "runs"),
+                "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
+                "false"]) == 0
+    adapter = tmp_path / "runs" / "sft" / "sft_distill" / "adapters" / "final"
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "question": f"{i} + 1?", "answer": i + 1}
+                                                       for i in range(2)])
+    common = ["--config", str(REPO / "configs/bon/loop.yaml"), "--base_model", str(tiny_llama_dir), "--prompts_file",
+              str(prompts), "--split", "all", "--samples_per_prompt", "2", "--k_values", "[1, 2]",
+              "--max_new_tokens", "4", "--output_dir", str(tmp_path / "runs" / "eval"), "--device", "cpu",
+              "--dtype", "fp32", "--progress", "false"]
+    assert lab(["bon", "collect", *common, "--name", "base"]) == 0
+    assert lab(["bon", "collect", *common, "--name", "sft", "--adapter_path", str(adapter)]) == 0
+    capsys.readouterr()
+    assert lab(["bon", "analyze", "--runs", str(tmp_path / "runs" / "eval"), "--out", str(tmp_path / "s.json"),
+                "--resamples", "20"]) == 0
+    assert "sft_distill/final - base on 2 shared prompts" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_collect_with_smollm2(tmp_path, one_thread):
     config = bon.CollectConfig(base_model="smollm2-135m", prompts_file=str(REPO / "data/prompts/arithmetic.jsonl"),

@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_lab.bon.predict import answer_entropy, is_correct
+from lightning_lab.callbacks.status import TRACKER_DIR
 from lightning_lab.data.benchmarks import SPLITS, Sample, load_benchmark
 from lightning_lab.data.io import DataError, read_jsonl
 from lightning_lab.errors import UserError, check_input_dir, check_input_file
@@ -397,6 +398,8 @@ def find_run_files(paths: Sequence[str | Path]) -> list[Path]:
     for path in map(Path, paths):
         if path.is_dir():
             for candidate in sorted(path.rglob("*.jsonl")):
+                if TRACKER_DIR in candidate.parts:  # a run's own events.jsonl
+                    continue
                 try:
                     read_header(candidate)
                 except DataError:
