@@ -71,3 +71,21 @@ def test_bad_pipeline_input_is_a_clear_error(tiny_llama_dir, items, tmp_path, ca
     assert lab_main(argv + ["--eval_samples", "16"]) == 2  # nothing left for traces
     assert "not enough for 16 A/B items" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing written before the inputs were checked
+
+
+def test_wandb_logs_accuracy_quality_and_the_baked_model(tiny_llama_dir, items, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(pipeline, "score", lambda *args, **kwargs: 1.0)  # traces kept, so a model is baked
+    out = tmp_path / "wandb_run"
+    results = QuietSTaRBaker(tiny_config(tiny_llama_dir, items, out, force=True, ab_test_rounds=1,
+                                         wandb_project="quietstar-test")).run()
+    assert results["baked_model"] is not None
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_wandb_project_without_wandb_is_a_clear_error(tiny_llama_dir, items, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="wandb package is not installed"):
+        tiny_config(tiny_llama_dir, items, tmp_path / "x", wandb_project="p")

@@ -28,6 +28,7 @@ p-values and where the model was saved. Defaults are the seed's: ``max_thought_l
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import sys
@@ -89,6 +90,7 @@ class QuietSTaRConfig:
         resume: skip the steps whose results are already in `out`.
         device: auto | cpu | cuda | mps.
         dtype: auto | fp32 | bf16.
+        wandb_project: log to Weights & Biases under this project (needs `pip install wandb`); None: no W&B.
     """
 
     model: str = "smollm2-135m"
@@ -121,6 +123,7 @@ class QuietSTaRConfig:
     resume: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    wandb_project: str | None = None
 
     def __post_init__(self):
         if self.ab_test_rounds < 1:
@@ -131,6 +134,9 @@ class QuietSTaRConfig:
         if self.objective != "star":
             raise UserError(f"--objective: the pipeline bakes traces with 'star'; got {self.objective!r} (the "
                             "quietstar objective trains on text: lab quietstar fit --model.objective quietstar)")
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise UserError(f"--wandb_project {self.wandb_project}: the wandb package is not installed "
+                            "(`pip install wandb`), or leave --wandb_project unset")
         if self.lora_rank < 0:
             raise UserError(f"--lora_rank: 0 (full fine-tuning) or a positive rank; got {self.lora_rank}")
         self.thoughts = InjectorConfig(thought_probability=self.thought_probability,
@@ -148,6 +154,7 @@ class QuietSTaRBaker:
     def __init__(self, config: QuietSTaRConfig):
         self.config = config
         self.out = Path(config.out)
+        self.wandb = None  # the W&B run while one is open
 
     def run(self) -> dict:
         config = self.config
@@ -156,6 +163,20 @@ class QuietSTaRBaker:
                             "another --out")
         eval_items, trace_items = self.items()
         self.out.mkdir(parents=True, exist_ok=True)
+        if config.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=config.wandb_project, job_type="quietstar", config=asdict(config),
+                                    dir=str(self.out))
+        try:
+            return self.steps(eval_items, trace_items)
+        finally:
+            if self.wandb is not None:
+                self.wandb.finish()
+
+    def steps(self, eval_items: list, trace_items: list) -> dict:
+        """Steps 1-4 of the module docstring; the results (also written to bake_results.json)."""
+        config = self.config
         results = {"config": asdict(config)}
         results["ab_thoughts"] = self.ab("ab_thoughts", self.plain_arm("baseline", config.model),
                                          self.thought_arm("thoughts", config.model, config.thoughts), eval_items)
@@ -174,7 +195,28 @@ class QuietSTaRBaker:
                 thought_temperature=config.thought_temperature, thought_top_p=config.top_p))
             results["ab_baked"] = self.ab("ab_baked", self.plain_arm("original", config.model), baked_arm, eval_items)
         write_json_atomic(self.out / "bake_results.json", results)
+        if self.wandb is not None:
+            self.log_wandb(results)
         return results
+
+    def log_wandb(self, results: dict) -> None:
+        """The seed's W&B names: metric ``reasoning_accuracy`` per arm, the trace-quality distribution, and the
+        baked model as the artifact ``baked_quietstar_model``."""
+        import wandb
+
+        for test in ("ab_thoughts", "ab_baked"):
+            if test in results:
+                ab = results[test]
+                self.wandb.log({f"{test}/reasoning_accuracy/{ab['baseline']}": ab["baseline_accuracy"],
+                                f"{test}/reasoning_accuracy/{ab['thoughts']}": ab["thoughts_accuracy"],
+                                f"{test}/improvement": ab["improvement"], f"{test}/mcnemar_p": ab["mcnemar_p"]})
+        qualities = results["traces"]["quality"]["values"]
+        if qualities:
+            self.wandb.log({"trace_quality": wandb.Histogram(qualities)})
+        if results["baked_model"] is not None:
+            artifact = wandb.Artifact("baked_quietstar_model", type="model")
+            artifact.add_dir(results["baked_model"])
+            self.wandb.log_artifact(artifact)
 
     # ---- items and arms ---------------------------------------------------------------------------
 
@@ -271,6 +313,9 @@ class QuietSTaRBaker:
                 "--trainer.max_epochs", str(config.epochs), "--trainer.enable_progress_bar", "false",
                 "--trainer.accelerator", "cpu" if config.device in ("auto", "cpu") else config.device.split(":")[0],
                 "--run.root", str(self.out), "--run.name", "bake"]
+        if self.wandb is not None:  # the stage logs into the pipeline's W&B run
+            argv += ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
+                     "--trainer.logger.project", config.wandb_project, "--trainer.logger.job_type", "quietstar"]
         if config.lora_rank:
             argv += ["--model.lora.rank", str(config.lora_rank), "--model.lora.alpha", str(2 * config.lora_rank)]
         if (baked.parent / "checkpoints" / "last.ckpt").is_file():
