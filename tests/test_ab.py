@@ -11,7 +11,7 @@ import yaml
 
 from lightning_lab.data.io import DataError
 from lightning_lab.errors import UserError
-from lightning_lab.eval.ab import ABConfig, PlainArm, compare, load_arm, paired_ttest, run_ab
+from lightning_lab.eval.ab import ABConfig, PlainArm, compare, load_arm, run_ab
 
 
 def paired_table(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,8 +61,12 @@ def test_paired_bootstrap_matches_the_normal_interval_on_a_large_table():
 def test_paired_ttest_and_majority_outcomes_across_rounds():
     # differences 0.1, 0.2, 0.3: t = 0.2 / (0.1 / sqrt 3); with 2 degrees of freedom p = 1 - t / sqrt(t^2 + 2)
     t = 0.2 / (0.1 / math.sqrt(3))
-    assert paired_ttest([0.5, 0.5, 0.5], [0.6, 0.7, 0.8]) == pytest.approx(1 - t / math.sqrt(t * t + 2))
-    assert paired_ttest([0.5], [0.6]) is None and paired_ttest([0.5, 0.4], [0.6, 0.5]) is None
+    a = np.zeros((10, 3))
+    b = np.array([[1, 1, 1]] * 6 + [[0, 1, 1]] + [[0, 0, 1]] + [[0, 0, 0]] * 2)  # rounds: 0.6, 0.7, 0.8
+    results = compare(a + np.array([[1, 1, 1]] * 5 + [[0, 0, 0]] * 5), b, ("a", "b"), 0.05, 0.02)  # rounds 0.5 each
+    assert [r["thoughts_accuracy"] for r in results["rounds"]] == pytest.approx([0.6, 0.7, 0.8])
+    assert results["ttest_p"] == pytest.approx(1 - t / math.sqrt(t * t + 2))
+    assert compare(a[:, :1], b[:, :1], ("a", "b"), 0.05, 0.02)["ttest_p"] is None  # one round: no t-test
     # item 0 solved by B in 2 of 3 rounds (majority), item 1 in 1 of 3 (not): one discordant item
     a = np.array([[0, 0, 0], [0, 0, 0]])
     b = np.array([[1, 1, 0], [1, 0, 0]])

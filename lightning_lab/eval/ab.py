@@ -49,6 +49,7 @@ from lightning_lab.data.benchmarks import Sample, load_benchmark
 from lightning_lab.data.io import read_jsonl, read_yaml_or_json, write_json_atomic
 from lightning_lab.errors import UserError
 from lightning_lab.eval.metrics import SCORERS, score
+from lightning_lab.eval.stats import mcnemar_exact, paired_bootstrap_difference, paired_t_test
 from lightning_lab.loops import (EXIT_PAUSED, LoopConfig, LoopRun, check_choice, check_count, check_number,
                                  parse_loop)
 
@@ -145,40 +146,7 @@ def load_arm(path: str | Path, key: str) -> PlainArm:
     return arm_class(**arguments)
 
 
-# ---- statistics -----------------------------------------------------------------------------------
-
-
-def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> dict:
-    """Exact McNemar test on paired 0/1 outcomes: b01 = items only B solved, b10 = items only A solved;
-    p = two-sided binomial test of b01 among b01 + b10 at 1/2 (1.0 when no pair is discordant)."""
-    from scipy.stats import binomtest
-
-    only_b, only_a = int(np.sum((a == 0) & (b == 1))), int(np.sum((a == 1) & (b == 0)))
-    p = binomtest(only_b, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-    return {"only_a": only_a, "only_b": only_b, "p": float(p)}
-
-
-def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, confidence: float, resamples: int,
-                        seed: int) -> list[float]:
-    """Percentile interval of mean(b) - mean(a), resampling rows (items) of the paired (items, rounds) arrays."""
-    from scipy.stats import bootstrap
-
-    difference = (b - a).mean(axis=1)  # per item: its mean difference over rounds, so items are the unit
-    if np.all(difference == difference[0]):  # no spread: every resample gives the same mean
-        return [float(difference[0]), float(difference[0])]
-    result = bootstrap((difference,), np.mean, confidence_level=confidence, n_resamples=resamples,
-                       method="percentile", rng=np.random.default_rng(seed))
-    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
-
-
-def paired_ttest(a_rounds: list[float], b_rounds: list[float]) -> float | None:
-    """p of the paired t-test of per-round accuracies; None with one round or no spread in the differences."""
-    from scipy.stats import ttest_rel
-
-    differences = np.subtract(b_rounds, a_rounds)
-    if len(differences) < 2 or np.all(differences == differences[0]):
-        return None
-    return float(ttest_rel(b_rounds, a_rounds).pvalue)
+# ---- statistics (the tests themselves are eval/stats.py's) ---------------------------------------
 
 
 def minimum_detectable_effect(discordant: int, items: int, alpha: float, power: float = POWER) -> float:
@@ -205,10 +173,11 @@ def compare(a: np.ndarray, b: np.ndarray, names: tuple[str, str], alpha: float, 
     items, rounds = a.shape
     accuracy_a, accuracy_b = float(a.mean()), float(b.mean())
     improvement = accuracy_b - accuracy_a
-    majority_a, majority_b = (a.mean(axis=1) > 0.5), (b.mean(axis=1) > 0.5)
-    mcnemar = mcnemar_exact(majority_a.astype(int), majority_b.astype(int))
+    mcnemar = mcnemar_exact(a.mean(axis=1) > 0.5, b.mean(axis=1) > 0.5)  # one outcome per item: its majority
+    # items are the unit: each item's mean outcome over the rounds, resampled with its pair
+    _, low, high = paired_bootstrap_difference(b.mean(axis=1), a.mean(axis=1), resamples, confidence, seed)
     a_rounds, b_rounds = a.mean(axis=0).tolist(), b.mean(axis=0).tolist()
-    significant = mcnemar["p"] < alpha and abs(improvement) >= improvement_threshold and improvement != 0
+    significant = mcnemar["p_value"] < alpha and abs(improvement) >= improvement_threshold and improvement != 0
     return {
         "baseline": names[0],
         "thoughts": names[1],
@@ -216,11 +185,11 @@ def compare(a: np.ndarray, b: np.ndarray, names: tuple[str, str], alpha: float, 
         "thoughts_accuracy": accuracy_b,
         "improvement": improvement,
         "relative_improvement": improvement / accuracy_a if accuracy_a > 0 else None,
-        "mcnemar_p": mcnemar["p"],
-        "mcnemar_discordant": {"only_baseline": mcnemar["only_a"], "only_thoughts": mcnemar["only_b"]},
-        "bootstrap_ci": paired_bootstrap_ci(a, b, confidence, resamples, seed),
-        "ttest_p": paired_ttest(a_rounds, b_rounds),
-        "mde": minimum_detectable_effect(mcnemar["only_a"] + mcnemar["only_b"], items, alpha),
+        "mcnemar_p": mcnemar["p_value"],
+        "mcnemar_discordant": {"only_baseline": mcnemar["a_only"], "only_thoughts": mcnemar["b_only"]},
+        "bootstrap_ci": [float(low[0]), float(high[0])],
+        "ttest_p": paired_t_test(b_rounds, a_rounds)["p_value"],
+        "mde": minimum_detectable_effect(mcnemar["a_only"] + mcnemar["b_only"], items, alpha),
         "winner": (names[1] if improvement > 0 else names[0]) if significant else None,
         "alpha": alpha,
         "improvement_threshold": improvement_threshold,
