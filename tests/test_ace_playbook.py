@@ -139,3 +139,11 @@ def test_retrieve_ranks_by_relevance_and_keeps_playbook_order():
     chosen = playbook.retrieve("What is the percent change in revenue from 2022 to 2023?", k=2)
     assert [e.id for e in chosen] == ["for-00001", "for-00004"]
     assert len(playbook.retrieve("anything", k=10)) == 4
+
+
+def test_retrieve_by_a_given_embedding():
+    playbook = sample_playbook()
+    vectors = {"query": [1.0, 0.0], "Percent change is (new - old) / old times 100.": [0.0, 1.0],
+               "Sensor T3 above 90 C means overheating.": [0.9, 0.1], "Vitamin C deficiency causes scurvy.": [0.5, 0.5]}
+    chosen = playbook.retrieve("query", k=2, embed=lambda texts: [vectors[t] for t in texts])
+    assert [e.id for e in chosen] == ["iot-00002", "str-00003"]

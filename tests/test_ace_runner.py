@@ -213,7 +213,8 @@ def test_seed_alias_offline_fails_at_once_naming_the_alias(tmp_path):
 def test_real_sampler_path_with_a_tiny_random_model(tiny_llama_dir, tmp_path):
     """Garbage from a random model: every output unparsed and counted, nothing raises, the files are written."""
     args = ["--model_id", str(tiny_llama_dir), "--task_name", "tatqa_tiny", "--limit", "3", "--max_new_tokens", "6",
-            "--reflector_max_new_tokens", "6", "--output_dir", str(tmp_path), "--progress", "false", "--device", "cpu"]
+            "--reflector_max_new_tokens", "6", "--output_dir", str(tmp_path), "--progress", "false", "--device", "cpu",
+            "--embedding_model", str(tiny_llama_dir)]
     assert ace_main(["run", "--mode", "ace", "--name", "t", *args]) == 0
     rows = read_csv(tmp_path / "t" / "results.csv")
     assert len(rows) == 3 and all(r["reflected"] == "True" for r in rows)
@@ -266,3 +267,15 @@ def test_ctrl_c_pauses_between_batches_and_resume_finishes(monkeypatch, tmp_path
     summary = read_csv(tmp_path / "p" / "epoch_summary.csv")
     assert [int(row["num_samples"]) for row in summary] == [6, 6]
     assert summary[1]["accuracy"] == "0.0" and int(summary[1]["playbook_size"]) == 6
+
+
+def test_hidden_state_embedder_on_a_tiny_model(tiny_llama_dir):
+    from lightning_lab.models.loading import load_causal_lm
+
+    embed = runner.HiddenStateEmbedder(load_causal_lm(str(tiny_llama_dir), device="cpu"))
+    vectors = embed(["The answer is 72.", "What is 2 + 3?", "The answer is 72."])
+    assert vectors.shape == (3, 64) and (vectors[0] == vectors[2]).all() and not (vectors[0] == vectors[1]).all()
+    playbook = Playbook()
+    for lesson in ("The answer is 72.", "What is 2 + 3?", "Natalia sold clips to 48 of her friends."):
+        playbook.add(lesson)
+    assert playbook.retrieve("The answer is 72.", k=1, embed=embed)[0].content == "The answer is 72."

@@ -144,14 +144,19 @@ class Playbook:
     def tokens(self) -> int:
         return self.count_tokens(self.render()) if self.entries else 0
 
-    def retrieve(self, query: str, k: int) -> list[Entry]:
-        """The `k` entries most relevant to `query` (TF-IDF cosine), in playbook order.
+    def retrieve(self, query: str, k: int, embed: Callable[[list[str]], object] | None = None) -> list[Entry]:
+        """The `k` entries most relevant to `query`, in playbook order: TF-IDF cosine similarity, or with
+        `embed` (texts -> an array of one vector per text) the cosine of those embeddings.
 
         Ties (e.g. no word in common) go to the higher score, then the older entry; all entries
         when there are at most k."""
         if len(self.entries) <= k:
             return list(self.entries)
-        similarity = tfidf_similarity([query], [e.content for e in self.entries])[0]
+        from sklearn.metrics.pairwise import cosine_similarity
+
+        contents = [e.content for e in self.entries]
+        similarity = (tfidf_similarity([query], contents) if embed is None
+                      else cosine_similarity(embed([query]), embed(contents)))[0]
         ranked = sorted(range(len(self.entries)),
                         key=lambda i: (-similarity[i], -self.entries[i].score, i))
         chosen = set(ranked[:k])

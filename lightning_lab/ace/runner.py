@@ -90,6 +90,8 @@ class AceConfig(LoopConfig):
     """items answered per generate call; the playbook updates after each batch"""
     top_k: int = 20
     """playbook bullets retrieved (TF-IDF) into each generator prompt"""
+    embedding_model: str | None = None
+    """retrieve by the cosine of this model's mean last hidden states instead of TF-IDF (any model spec)"""
     token_budget: int = 600
     """the playbook's rendered size, in generator tokens, is held at or under this"""
     merge_threshold: float = 0.8
@@ -220,6 +222,7 @@ class Roles:
     generator: object  # Sampler
     reflector: object  # Sampler (the generator's when no reflector_model is given)
     config: AceConfig
+    embed: object = None  # HiddenStateEmbedder for retrieval; None: TF-IDF
 
     def _call(self, sampler, prompts: list[str], max_new_tokens: int, primes: list[str],
               stop: tuple[str, ...] = ()) -> list[tuple[str, float]]:
@@ -276,7 +279,8 @@ class Roles:
         return reflections
 
     def curate(self, items: list[Item], lessons: list[list[str]], playbook: Playbook) -> list[roles.Curation]:
-        prompts = [roles.curator_prompt(item, item_lessons, playbook.retrieve(" ".join(item_lessons), 5), playbook)
+        prompts = [roles.curator_prompt(item, item_lessons, playbook.retrieve(" ".join(item_lessons), 5, self.embed),
+                                        playbook)
                    for item, item_lessons in zip(items, lessons)]
         curations = []
         for text, seconds in self._call(self.reflector, prompts, self.config.reflector_max_new_tokens,
@@ -325,7 +329,8 @@ def run_pass(run: LoopRun, roles_: Roles, playbook: Playbook, save_playbook, ste
         if pause.requested:
             raise Paused
         indices, items = [index for index, _ in batch], [item for _, item in batch]
-        views = [playbook.retrieve(f"{item.question} {item.context}", config.top_k) if step.mode == "ace" else []
+        views = [playbook.retrieve(f"{item.question} {item.context}", config.top_k, roles_.embed)
+                 if step.mode == "ace" else []
                  for item in items]
         size = len(playbook) if step.mode == "ace" else 0
         answers = roles_.answer(items, views, playbook)
@@ -492,7 +497,30 @@ def open_roles(config: AceConfig) -> Roles:
         reflector = Sampler(load_model(config.reflector_model, config.device, config.dtype))
     for sampler in {id(generator): generator, id(reflector): reflector}.values():
         sampler.generate("Hello", max_new_tokens=2, greedy=True)  # one-time costs (kernel load) stay out of latency
-    return Roles(generator, reflector, config)
+    embed = None
+    if config.embedding_model is not None:
+        embed = HiddenStateEmbedder(load_model(config.embedding_model, config.device, config.dtype))
+    return Roles(generator, reflector, config, embed)
+
+
+class HiddenStateEmbedder:
+    """Texts -> the mean of a model's last hidden states over their tokens, for retrieval by embedding.
+    Vectors are kept by text, so each playbook entry is embedded once."""
+
+    def __init__(self, loaded):
+        self.model, self.tokenizer, self.vectors = loaded.model, loaded.tokenizer, {}
+
+    def __call__(self, texts: list[str]):
+        import numpy as np
+        import torch
+
+        for text in dict.fromkeys(texts):
+            if text not in self.vectors:  # one text per forward pass: no padding to mask out
+                ids = self.tokenizer(text or " ", return_tensors="pt").input_ids.to(self.model.device)
+                with torch.inference_mode():
+                    hidden = self.model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+                self.vectors[text] = hidden.float().mean(0).cpu().numpy()
+        return np.stack([self.vectors[text] for text in texts])
 
 
 def new_playbook(config: AceConfig, path: Path, tokenizer) -> Playbook:
