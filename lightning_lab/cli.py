@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rauq": ("lightning_lab.rauq.cli:main", "RAUQ-CoT: score | select-heads | fit-threshold | run | evaluate | ablate"),
     "discover": ("lightning_lab.discover.cli:main", "discovery suite: run (best-of-N | TTT) | compare"),
     "ace": ("lightning_lab.ace.cli:main", "evolving playbooks (ACE): run | epochs | grid | summarize"),
+    "eval": ("lightning_lab.eval.retention:main", "retention: perplexity of a base and an updated model, paired delta"),
     "ab": ("lightning_lab.eval.ab:main", "A/B test of two arms (settings or models) on one benchmark: McNemar, bootstrap"),
 }
 
