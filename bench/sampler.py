@@ -12,7 +12,13 @@ run per side; the table shows medians. Targets:
   (`--lookup` drafted tokens per pass, exact greedy: see the sampler's docstring); generate with its own
   prompt lookup (`prompt_lookup_num_tokens`) is printed beside them, and llama.cpp on the same GGUF when
   llama-cpp-python is installed;
-- capture:       greedy with `--heads` (30) captured heads takes <= 1.15x the time of the same decode without.
+- capture:       greedy with `--heads` (30) captured heads takes <= 1.15x the time of the same decode without;
+- adapter:       the sampler with a LoRA adapter (`--adapter-rank`, on every projection, random B) makes >= 0.8x
+                 the tokens/s of the same model without one, for n=`--adapter-n` (8) sampling and n=1 greedy
+                 (baseline column: the sampler without the adapter).
+
+``--cases`` picks the cases (default all: sampling,greedy,capture,adapter). The engine of each sampler
+(`Sampler.engine_info`) is printed before its figures.
 
 The repetitions of the two sides of a ratio alternate (baseline, sampler, baseline, ...): this VM's speed
 drifts by tens of percent within minutes, and timing one side after the other would fold that drift
@@ -28,6 +34,7 @@ wake-up to every small operation, and the ratios would describe that setting, no
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -78,6 +85,22 @@ def llama_cpp_tokens_per_s(gguf: Path, prompt: str, new_tokens: int, reps: int) 
                 break
 
     return new_tokens / paired_median_seconds([run], new_tokens, reps)[0]
+
+
+def adapter_sampler(loaded, rank: int):
+    """A sampler for a copy of the model with a LoRA adapter of `rank` on every projection (the lab's defaults),
+    B drawn at random so that the adapter changes the function (peft starts it at zero)."""
+    from lightning_lab.models.loading import LoadedModel
+    from lightning_lab.models.lora import LoraSettings, add_lora
+    from lightning_lab.sampling.sampler import Sampler
+
+    peft_model = add_lora(copy.deepcopy(loaded.model), LoraSettings(rank=rank))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.01)
+    return Sampler(LoadedModel(peft_model, loaded.tokenizer, loaded.spec, loaded.device, loaded.dtype))
 
 
 def bench_dtype(args, dtype: str, question: str) -> list[dict]:
@@ -134,25 +157,42 @@ def bench_dtype(args, dtype: str, question: str) -> list[dict]:
         variants[" unpacked"] = Sampler(loaded, pack_weights=False)
         variants[" no CPU kernels"] = Sampler(loaded, cpu_kernels=False)
         variants[" transformers fwd"] = Sampler(loaded, llama_decoder=False)
+    for name, chosen in variants.items():
+        print(f"  {dtype} sampler{name}: {chosen.engine_info()}", flush=True)
     with torch.inference_mode():
-        base_s, *ours_s = timed(generate_sampling, *[lambda k, chosen=chosen: sampler_sampling(k, chosen)
-                                                     for chosen in variants.values()])
-        for name, seconds in zip(variants, ours_s):
-            row(f"n={args.n} sampling{name}", args.n * steps, base_s, seconds, 4.0)
-        lookup_runs = [lambda k: sampler_greedy(k, lookup=args.lookup), generate_lookup] if args.lookup else []
-        base_s, *ours_s = timed(generate_greedy, *[lambda k, chosen=chosen: sampler_greedy(k, chosen)
-                                                   for chosen in variants.values()], *lookup_runs, reps=greedy_reps)
-        if args.lookup:
-            *ours_s, lookup_s, generate_lookup_s = ours_s
-        for name, seconds in zip(variants, ours_s):
-            row(f"n=1 greedy{name}", steps, base_s, seconds, 2.0)
-        if args.lookup:
-            row(f"n=1 greedy, prompt lookup {args.lookup}", steps, base_s, lookup_s, 2.0)
-            row(f"generate, prompt lookup {args.lookup}", steps, base_s, generate_lookup_s)
-        row(f"greedy + {len(heads)} heads", steps,
-            *timed(sampler_greedy, lambda k: sampler_greedy(k, capture=heads), reps=capture_reps), 1.15,
-            lower_is_better=True)
-    if args.llama_cpp and dtype == args.dtypes[0]:
+        if "sampling" in args.cases:
+            base_s, *ours_s = timed(generate_sampling, *[lambda k, chosen=chosen: sampler_sampling(k, chosen)
+                                                         for chosen in variants.values()])
+            for name, seconds in zip(variants, ours_s):
+                row(f"n={args.n} sampling{name}", args.n * steps, base_s, seconds, 4.0)
+        if "greedy" in args.cases:
+            lookup_runs = [lambda k: sampler_greedy(k, lookup=args.lookup), generate_lookup] if args.lookup else []
+            base_s, *ours_s = timed(generate_greedy, *[lambda k, chosen=chosen: sampler_greedy(k, chosen)
+                                                       for chosen in variants.values()], *lookup_runs, reps=greedy_reps)
+            if args.lookup:
+                *ours_s, lookup_s, generate_lookup_s = ours_s
+            for name, seconds in zip(variants, ours_s):
+                row(f"n=1 greedy{name}", steps, base_s, seconds, 2.0)
+            if args.lookup:
+                row(f"n=1 greedy, prompt lookup {args.lookup}", steps, base_s, lookup_s, 2.0)
+                row(f"generate, prompt lookup {args.lookup}", steps, base_s, generate_lookup_s)
+        if "capture" in args.cases:
+            row(f"greedy + {len(heads)} heads", steps,
+                *timed(sampler_greedy, lambda k: sampler_greedy(k, capture=heads), reps=capture_reps), 1.15,
+                lower_is_better=True)
+    if "adapter" in args.cases:
+        adapted = adapter_sampler(loaded, args.adapter_rank)
+        print(f"  {dtype} sampler with LoRA r={args.adapter_rank}: {adapted.engine_info()}", flush=True)
+
+        def adapter_sampling(k, chosen):
+            chosen.generate(messages, n=args.adapter_n, max_new_tokens=k, ignore_eos=True, **sampling)
+
+        with torch.inference_mode():
+            row(f"n={args.adapter_n} sampling, LoRA r={args.adapter_rank}", args.adapter_n * steps,
+                *timed(lambda k: adapter_sampling(k, sampler), lambda k: adapter_sampling(k, adapted)), 0.8)
+            row(f"n=1 greedy, LoRA r={args.adapter_rank}", steps,
+                *timed(sampler_greedy, lambda k: sampler_greedy(k, adapted), reps=greedy_reps), 0.8)
+    if args.llama_cpp and "greedy" in args.cases and dtype == args.dtypes[0]:
         from lightning_lab.models.loading import ALIASES, alias_gguf_path
 
         if args.model in ALIASES:
@@ -186,9 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     parser.add_argument("--levers", action="store_true",
                         help="also time the sampler without each lever: prepacked weights, CPU kernels, decoder")
+    parser.add_argument("--cases", default="sampling,greedy,capture,adapter",
+                        help="comma-separated: sampling, greedy, capture, adapter")
+    parser.add_argument("--adapter-rank", type=int, default=8, help="LoRA rank in the adapter case")
+    parser.add_argument("--adapter-n", type=int, default=8, help="samples per prompt in the adapter case")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    args.cases = {c.strip() for c in args.cases.split(",") if c.strip()}
+    unknown = args.cases - {"sampling", "greedy", "capture", "adapter"}
+    if unknown:
+        parser.error(f"--cases: unknown {sorted(unknown)}")
     if not args.gsm8k.is_file():
         parser.error(f"--gsm8k {args.gsm8k}: file not found")
     if args.threads:
@@ -218,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['dtype']:<6} {row['case']:<32} {base:>15} {row['sampler_tok_s']:>14.1f} {ratio:>7} "
               f"{row['target']:>11}  {result}")
     print("baseline = transformers.generate (greedy rows: without prompt lookup), except in the capture row: the "
-          "sampler without capture (ratio = time with / time without), and in the 'generate, prompt lookup' row, where "
+          "sampler without capture (ratio = time with / time without), in the LoRA rows: the sampler without the "
+          "adapter (ratio = tokens/s with / without), and in the 'generate, prompt lookup' row, where "
           "generate with its own prompt lookup stands in the sampler's column")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -325,3 +325,17 @@ def test_top_k_equals_torch(portable, k):
     assert cpu_kernels.top_k(logits, k, portable=portable)[0][4].isnan().all()
     with pytest.raises(RuntimeError, match="k = 1001"):
         cpu_kernels.top_k(logits, 1001, portable=portable)
+
+
+def test_the_library_name_tells_cpus_and_sources_apart(monkeypatch):
+    flags = cpu_kernels.build_flags()
+    here = cpu_kernels.library_name(flags)
+    assert here == cpu_kernels.library_name(flags) and torch.__version__.split("+")[0].replace(".", "_") in here
+    assert cpu_kernels.library_name(cpu_kernels.build_flags(portable=True)).endswith("_portable")
+    assert cpu_kernels.library_name(flags + ["-DOTHER"]) != here  # other flags: another build
+    features = cpu_kernels.cpu_features()
+    assert features  # this machine reports some
+    monkeypatch.setattr(cpu_kernels, "cpu_features", lambda: features.replace("avx512", "sse"))
+    assert cpu_kernels.library_name(flags) != here or "avx512" not in features  # another CPU: another build
+    monkeypatch.setattr(cpu_kernels, "cpu_features", lambda: "a cpu without any of those")
+    assert cpu_kernels.library_name(flags) != here

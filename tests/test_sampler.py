@@ -10,7 +10,9 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from lightning_lab.sampling import cpu_kernels
-from lightning_lab.sampling.sampler import (INCOMPLETE, KVCache, SamplingParams, Sampler, draw, lookup_draft,
+from lightning_lab.sampling.kv_cache import KVCache
+from lightning_lab.sampling.weight_packing import PackedLinears
+from lightning_lab.sampling.sampler import (INCOMPLETE, SamplingParams, Sampler, draw, evaluation_mode, lookup_draft,
                                             sampling_weights)
 from lightning_lab.models.loading import LoadedModel, load_causal_lm
 
@@ -130,9 +132,9 @@ def test_packed_weights_follow_in_place_updates_and_leave_the_model_alone(tiny_l
 
     before = greedy(sampler)
     if llama_decoder:
-        assert sampler.packed is None and sampler.decoder.head.packed
+        assert sampler.decoder.head.packed
     else:
-        assert sampler.decoder is None and head in sampler.packed.packed
+        assert sampler.decoder is None and head in PackedLinears.of(loaded.model).packed
     assert all("forward" not in module.__dict__ for module in loaded.model.modules())  # unpatched after the call
     with torch.no_grad():  # what an optimizer step does between two sampling calls
         head.weight.mul_(-1.0)
@@ -639,7 +641,7 @@ def test_llama_decoder_keeps_a_model_s_own_activation(tiny):
 def test_a_sliding_window_model_decodes_on_a_dynamic_cache_and_refuses_prompt_lookup(tiny):
     from transformers import DynamicCache
 
-    from lightning_lab.sampling.sampler import new_cache
+    from lightning_lab.sampling.kv_cache import new_cache
 
     loaded = tiny_qwen2(tiny, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     qwen = loaded.model
@@ -751,7 +753,8 @@ def test_smollm2_bf16_decoder_equals_transformers_forward(gsm8k_path):
     assert_kernels_as_close_as_torch(fp32_twin(loaded, "smollm2-135m"), outs[2], outs[0])
 
 
-def test_a_peft_model_decodes_through_its_base_with_the_adapter_on(tiny_llama_dir):
+@pytest.mark.parametrize("llama_decoder", [True, False])
+def test_a_peft_model_decodes_through_its_base_with_the_adapter_on(tiny_llama_dir, llama_decoder):
     from lightning_lab.models.lora import LoraSettings, add_lora
 
     loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32"))
@@ -761,11 +764,14 @@ def test_a_peft_model_decodes_through_its_base_with_the_adapter_on(tiny_llama_di
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0.0, 0.5)
-    sampler = Sampler(LoadedModel(peft_model, loaded.tokenizer, loaded.spec, loaded.device, loaded.dtype))
+    sampler = Sampler(LoadedModel(peft_model, loaded.tokenizer, loaded.spec, loaded.device, loaded.dtype),
+                      llama_decoder=llama_decoder)
     assert sampler.model is peft_model.get_base_model() and sampler._has_logits_to_keep
-    assert sampler.decoder is None  # the LoRA layers are not plain nn.Linear: transformers' forward runs them
+    # the decoder multiplies by the LoRA layers' folded weights; transformers' forward runs peft's layers
+    assert sampler.engine_info()["engine"] == ("decoder" if llama_decoder else "transformers")
+    assert sampler.engine_info()["adapter"]
     adapted = sampler.generate(PROMPTS, greedy=True, max_new_tokens=10, chat=False, logprobs=True)
-    with torch.no_grad():
+    with torch.no_grad(), evaluation_mode(peft_model):  # peft adds its layers in training mode (LoRA dropout on)
         expected = [full_pass(peft_model, result.prompt_token_ids + result.completions[0].token_ids)[0]
                     for result in adapted.prompts]
     for result, logits in zip(adapted.prompts, expected):

@@ -9,7 +9,8 @@ fp32 step's k largest logits when that is all the sampler needs; the sampler tak
 `top_k`. Elsewhere (CUDA, MPS, no C++ compiler) they keep torch's SDPA, `F.rms_norm`, `topk`
 and the oneDNN products of ``weight_packing.py``. The build (torch's `cpp_extension.load`: a C++ compiler and ninja)
 takes ~40 s once; the library is then cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``,
-default ``~/.cache/torch_extensions``) and loads in well under a second. ``python -m
+default ``~/.cache/torch_extensions``), under a name that says which CPU features and which source it was built
+for (`library_name`), and loads in well under a second. ``python -m
 lightning_lab.sampling.cpu_kernels`` builds it ahead of time (the Makefile does).
 
 Why kernels of our own, measured on the 2-core development CPU (bf16, SmolLM2-135M, 32 rows sharing a
@@ -24,6 +25,7 @@ per token in fp32, 24.2 to 22.0 in bf16. The README's sampler section has the fi
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import platform
 import re
@@ -53,15 +55,39 @@ def build_flags(portable: bool = False) -> list[str]:
     return flags
 
 
+def cpu_features() -> str:
+    """This CPU's instruction-set features, as the kernel reports them (Linux: the ``flags`` or ``Features`` line
+    of /proc/cpuinfo), else the machine type and torch's CPU capability."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() in ("flags", "features"):
+                return " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()}"
+
+
+def library_name(flags: list[str]) -> str:
+    """The compiled library's name in torch's extension cache: torch's version (a library built against other
+    torch headers is rebuilt, not loaded), a digest of the CPU's instruction-set features (``-march=native``
+    builds for this CPU: a cache shared by machines with other CPUs must never hand one of them this build)
+    and a digest of the source and flags (checkouts with different sources sharing the cache each keep their
+    build instead of rebuilding over each other's)."""
+    cpu = hashlib.sha256(cpu_features().encode()).hexdigest()[:12]
+    source = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    version = re.sub(r"\W", "_", torch.__version__)
+    return f"lightning_lab_cpu_kernels_{version}_isa{cpu}_src{source}" + ("_portable" if "-DLAB_PORTABLE" in flags else "")
+
+
 @functools.cache
 def load(portable: bool = False):
     """The compiled module, or None (with one warning saying why) when it cannot be built here.
     ``portable``: the plain C++ loops even where AVX-512 is available (tests compare the two)."""
     from torch.utils import cpp_extension
 
-    # torch's version in the name: a library built against other torch headers is rebuilt, not loaded
-    name = "lightning_lab_cpu_kernels_" + re.sub(r"\W", "_", torch.__version__) + ("_portable" if portable else "")
     flags = build_flags(portable)
+    name = library_name(flags)
     try:
         log.info("loading %s (compiled from C++ the first time: ~40 s)", name)
         return cpp_extension.load(name, sources=[str(SOURCE)], extra_cflags=flags,

@@ -36,8 +36,15 @@ another order, and sum the products of one or two rows in another order, so in b
 transformers' by bf16 rounding.
 
 `Sampler` uses the decoder for every model that `unsupported_reason` accepts (Llama, Qwen2 and models built
-like them, full attention only, plain `nn.Linear` layers: a peft adapter's layers are not) and transformers'
-forward otherwise.
+like them, full attention only, on CPU, linear layers that are plain `nn.Linear` or peft LoRA layers over one,
+whose adapters it folds into private weights: ``adapters.py``) and transformers' forward otherwise. `refresh`
+follows the model as it is at each call: modules replaced (an adapter added, embeddings resized) and weights
+changed (an optimizer step) since the last one.
+
+CPU only: its gains are the dispatch overhead of a CPU decode step, and its products read stacked and prepacked
+copies of the weights (about as much memory again as the weights themselves); on CUDA or MPS those copies
+would cost scarce device memory for no measured gain, so there the sampler runs transformers' forward, which
+reads the model's own weights.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
+from lightning_lab.sampling import adapters
 from lightning_lab.sampling import cpu_kernels as kernels
 from lightning_lab.sampling import weight_packing as packed
 from lightning_lab.sampling.weight_packing import FusedLinear
@@ -70,17 +78,27 @@ def unsupported_reason(model) -> str | None:
     rotary = getattr(model.model, "rotary_emb", None)
     if rotary is None or getattr(rotary, "rope_type", "default") not in TABLE_ROPE_TYPES:
         return f"rotary embedding type {getattr(rotary, 'rope_type', None)!r}"
+    if model.lm_head.weight.device.type != "cpu":
+        return f"the decoder runs on CPU only, not {model.lm_head.weight.device.type} (see the module docstring)"
     for index, layer in enumerate(model.model.layers):
-        linears = [getattr(layer.self_attn, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        linears += [getattr(layer.mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-        if any(type(module) is not torch.nn.Linear for module in linears):
-            return f"layer {index}: a projection is not a plain nn.Linear (an adapter, quantisation, ...)"
+        for name, module in zip(PROJECTIONS, projections(layer)):
+            reason = adapters.unsupported_linear_reason(module) if module is not None else "missing"
+            if reason is not None:
+                return f"layer {index}: {name}: {reason}"
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if any(not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon") for norm in norms):
             return f"layer {index}: a norm is not an RMSNorm"
-    if type(model.lm_head) is not torch.nn.Linear:
-        return "lm_head is not a plain nn.Linear"
-    return None
+    reason = adapters.unsupported_linear_reason(model.lm_head)
+    return None if reason is None else f"lm_head: {reason}"
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def projections(layer) -> list:
+    """A decoder layer's seven linear layers, in `PROJECTIONS` order (None where one is missing)."""
+    return [getattr(layer.self_attn, name, None) for name in PROJECTIONS[:4]] + \
+        [getattr(layer.mlp, name, None) for name in PROJECTIONS[4:]]
 
 
 @dataclass
@@ -103,26 +121,37 @@ class LlamaDecoder:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"LlamaDecoder cannot run {type(model).__name__}: {reason}")
-        config = model.config
         self.model = model
+        self.pack = packed.available(model.lm_head.weight.device) and pack_weights is not False
+        self.sources = None
+        self.cos = self.sin = None
+        self.refresh()
+
+    def _current_modules(self) -> list:
+        """Every module the decoder takes weights from, as the model holds them now."""
+        found = [self.model.lm_head, self.model.model.norm]
+        for layer in self.model.model.layers:
+            found += [layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
+                      *projections(layer)]
+        return found
+
+    def _build(self) -> None:
+        """The per-layer view of the model's current modules (linear layers fused; their weights made at use)."""
+        config, first = self.model.config, self.model.model.layers[0].self_attn
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = model.model.layers[0].self_attn.head_dim
-        self.scaling = model.model.layers[0].self_attn.scaling
-        pack = packed.available(model.lm_head.weight.device) and pack_weights is not False
+        self.head_dim, self.scaling = first.head_dim, first.scaling
         self.layers = []
-        for layer in model.model.layers:
+        for layer in self.model.model.layers:
             attention, mlp = layer.self_attn, layer.mlp
+            q, k, v, o, gate, up, down = projections(layer)
             self.layers.append(dict(
-                attention=attention, act=mlp.act_fn, intermediate=mlp.gate_proj.out_features,
+                attention=attention, act=mlp.act_fn, intermediate=gate.out_features,
                 silu=type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation"),  # the kernels' fused silu(gate) * up
                 input_norm=layer.input_layernorm, post_attention_norm=layer.post_attention_layernorm,
-                qkv=FusedLinear(attention.q_proj, attention.k_proj, attention.v_proj, pack=pack),
-                out=FusedLinear(attention.o_proj, pack=pack),
-                gate_up=FusedLinear(mlp.gate_proj, mlp.up_proj, pack=pack),
-                down=FusedLinear(mlp.down_proj, pack=pack)))
-        self.head = FusedLinear(model.lm_head, pack=pack)
+                qkv=FusedLinear(q, k, v, pack=self.pack), out=FusedLinear(o, pack=self.pack),
+                gate_up=FusedLinear(gate, up, pack=self.pack), down=FusedLinear(down, pack=self.pack)))
+        self.head = FusedLinear(self.model.lm_head, pack=self.pack)
         self.all_silu = all(layer["silu"] for layer in self.layers)  # `decode_layer` fuses silu(gate) * up
-        self.cos = self.sin = None
 
     @classmethod
     def of(cls, model, pack_weights: bool | None = None) -> LlamaDecoder:
@@ -135,7 +164,14 @@ class LlamaDecoder:
         return decoders[key]
 
     def refresh(self) -> None:
-        """Re-stack any weights that changed since the last call (cheap when none did)."""
+        """Follow the model as it is now (cheap when nothing changed): rebuild the layer view when a module was
+        replaced (a peft adapter added or removed, embeddings resized), and re-fold, re-stack and re-pack any
+        weight that changed since the last call (an optimizer step, an adapter switched on or off)."""
+        current = self._current_modules()
+        if self.sources is None or len(current) != len(self.sources) or \
+                any(now is not before for now, before in zip(current, self.sources)):
+            self.sources = current
+            self._build()
         for layer in self.layers:
             for name in ("qkv", "out", "gate_up", "down"):
                 layer[name].refresh()

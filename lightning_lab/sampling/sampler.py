@@ -14,7 +14,7 @@ Batch decoding (`generate`)
 - Up to ``batch_size`` prompts share each forward pass, left-padded, with position ids counted from each
   prompt's first real token. The n samples of a prompt share one prefill: the prompt's KV cache is
   computed once and its rows repeated n times.
-- The KV cache is preallocated (`KVCache`: one buffer per layer, written in place, cropped by moving a
+- The KV cache is preallocated (``kv_cache.py``: one buffer per layer, written in place, cropped by moving a
   length) instead of growing by concatenation, which would copy the whole cache at every step.
   Rows that finished (EOS / stop string / length) are dropped from the batch and the cache once a
   quarter of the rows in the batch have finished.
@@ -67,12 +67,32 @@ pairs: a custom attention function registered with ``transformers.AttentionInter
 mask) for the new query rows. The model runs under that implementation only for the capture call.
 
 Step-wise decoding (controllers)
-``state = start(prompt)``; ``step(state)`` samples one token, feeds it to the model and returns a
-`StepOutput` with the token id, its text piece, log-prob, entropy, margin and a_{i,i-1} of the captured
-heads for that same token (available at once, because step consumes the token it sampled);
-``rollback(state, k)`` forgets the last k tokens by cropping the KV cache (no forward pass: the state
-keeps the next-token logits of every position, vocab_size * 4 bytes per token); ``append(state, text
-or ids)`` forces tokens (e.g. an injected thought) in one forward pass and returns their signals.
+A controller reads top to bottom::
+
+    state = sampler.start(prompt, greedy=True, stop=["\\n\\n"])   # prefill once; one row
+    out = sampler.step(state)                                    # StepOutput: token, text piece, signals
+    out = sampler.step(state, temperature=0.7, top_p=0.9)        # this step only: a sampled token
+    outs = sampler.append(state, "<thought>")                    # forced tokens, one forward pass
+    sampler.rollback(state, 3)                                   # forget the last 3 tokens (no forward pass)
+    branches = sampler.fork(state, 4)                            # 4 rows sharing the state's KV cache
+    outs = sampler.step(branches, temperature=1.0, candidates=5) # one forward pass, one StepOutput per row
+    best = sampler.select(branches, 2)                           # row 2 as a one-row state, to go on with
+
+``step`` chooses each row's next token from the state's last logits, feeds it to the model and returns it with
+its text piece ("" while a multi-byte character is unfinished), log-prob, entropy, margin and a_{i,i-1} of the
+captured heads for that same token (available at once, because step consumes the token it sampled); keyword
+sampling parameters override the state's for that step only (`SamplingParams.override`). ``finish_reason`` is
+"eos" when the token is an end-of-sequence token and "stop" when it completed one of the stop strings (the
+state's, or the step's ``stop``); decoding does not end there: the controller decides (step on, rollback,
+select). ``candidates=k`` adds the k best tokens of the distribution the token was chosen from, with their
+log-probs (temperature 1, before top-k/top-p). ``append`` forces tokens (an injected thought) in one forward
+pass and returns their signals; ``rollback(state, k)`` crops the KV cache (the state keeps the next-token logits
+of every position, vocab_size * 4 bytes per token and row). ``fork(state, n)`` returns a new state of n rows per
+row of `state` (which stays usable): their cache rows are copies of its rows, nothing is recomputed, and each
+step feeds every row in one batched forward pass; ``select(state, rows)`` keeps some rows. The rows of a state
+move in lockstep (``step``, ``append`` and ``rollback`` act on all of them), so they need no padding; a state
+made by ``fork`` (or ``select`` with a list) returns one result per row, a state made by ``start`` (or ``select``
+with one index) returns results as for one sequence.
 
 Reproducibility: with the same ``seed``, prompts, batch composition (``n``, ``batch_size``, order),
 sampling parameters (``prompt_lookup`` among them), model, dtype, device, thread count and library
@@ -84,13 +104,18 @@ with ``pack_weights`` on versus off (the arithmetic differs in the last bits; bf
 bit-identical). Greedy decoding does not depend on the seed, only on the arithmetic; the step-wise API
 draws from its own generator, seeded in `start`.
 
-Engines: Llama-family models (SmolLM2 among them) run through `LlamaDecoder`, the same forward pass
-written out with fewer operations (``llama_decoder.py``; ``llama_decoder=False`` uses transformers'
-forward instead); every other model, and a model with adapter layers, through transformers' forward. On
-CPU the decoder runs its norms, rotary embedding, activation, one-token attention and products (one- or
-two-row passes; fp32 batches) through ``cpu_kernels.cpp`` when it builds (``cpu_kernels``), and so does the
-sampling's top-k; with ``cpu_kernels=False`` both engines give the same bf16 logits bit for bit, with the
-kernels they differ by bf16 rounding.
+Engines: on CPU, Llama-family models (SmolLM2 among them) run through `LlamaDecoder`, the same forward pass
+written out with fewer operations (``llama_decoder.py``; ``llama_decoder=False`` uses transformers' forward
+instead), peft LoRA adapters included: the decoder multiplies by each adapted layer's folded weight W + scaling
+* B @ A, a private copy made again when the adapter changes (``adapters.py``). Every other model and device,
+and other adapters (DoRA, ...), run through transformers' forward. The engine is chosen at every call, for the
+model as it is then: an adapter added, switched off or trained, or embeddings resized after the sampler was
+built are decoded as they are now (`Sampler.engine_info` says which engine that is). The sampler never changes
+the model: during a call every module is in evaluation mode (dropout off) and each is set back to its own mode
+afterwards (`evaluation_mode`); it never calls ``.eval()``. On CPU the decoder runs its norms, rotary embedding,
+activation, one-token attention and products (one- or two-row passes; fp32 batches) through ``cpu_kernels.cpp``
+when it builds (``cpu_kernels``), and so does the sampling's top-k; with ``cpu_kernels=False`` both engines give
+the same bf16 logits bit for bit, with the kernels they differ by bf16 rounding.
 
 Speed (``bench/sampler.py`` measures it against ``transformers.generate``): shared prefill; the preallocated
 cache; the written-out forward; a 4D decode mask that keeps SDPA on its fast grouped-query path
@@ -111,8 +136,10 @@ does this better); two threads of half the rows each (the same tokens/s as one b
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import itertools
+import math
 import numbers
 import time
 from collections.abc import Sequence
@@ -120,12 +147,14 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lightning_lab.sampling import adapters
 from lightning_lab.sampling import cpu_kernels as kernels
 from lightning_lab.sampling import weight_packing as packed
+from lightning_lab.sampling.kv_cache import KVCache, full_attention_layers, new_cache, take_rows
 from lightning_lab.sampling.llama_decoder import LlamaDecoder, TopLogits, unsupported_reason
 from lightning_lab.sampling.prompts import Prompt, encode_prompt
 from lightning_lab.sampling.weight_packing import PackedLinears
@@ -213,183 +242,112 @@ class StepOutput:
     is_eos: bool
     attention: list[float] | None = None  # a_{i,i-1} of this token per captured head
     attention_rows: list[list[float]] | None = None
+    finish_reason: str | None = None  # "eos" | "stop" (this token completed a stop string) | None
+    stop: str | None = None  # the stop string it completed
+    candidates: list[tuple[int, float]] | None = None  # (token id, log p) of the best tokens, when asked for
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: must be a finite number")
+    return value
 
 
 @dataclass
 class SamplingParams:
+    """How a token is chosen: argmax (``greedy``, or ``temperature=0``), else temperature -> top-k -> top-p -> draw."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k
     greedy: bool = False
 
     def __post_init__(self):
+        _finite("temperature", self.temperature)
+        _finite("top_p", self.top_p)
         if self.temperature == 0:
             self.greedy = True
         if not self.greedy and self.temperature < 0:
             raise ValueError(f"temperature={self.temperature}: must be > 0 (or 0 / greedy=True for argmax)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 disables top-k)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 disables top-k)")
+
+    def override(self, greedy: bool | None = None, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None) -> SamplingParams:
+        """These parameters with the given ones replaced (for one `Sampler.step`). Passing a temperature, top_p or
+        top_k without ``greedy`` means sampling: ``step(state, temperature=0.7)`` samples from a greedy state."""
+        if greedy is None and (temperature, top_p, top_k) == (None, None, None):
+            return self
+        sampling = greedy if greedy is not None else False
+        return SamplingParams(self.temperature if temperature is None else temperature,
+                              self.top_p if top_p is None else top_p, self.top_k if top_k is None else top_k,
+                              sampling)
+
+
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """`value` checked to be an integer >= `minimum` (a ValueError naming it otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+    return int(value)
+
+
+@dataclass
+class Row:
+    """One sequence being decoded (a sample of `generate`, a row of a `DecodeState`): what it holds after its
+    prompt, and, in `generate`, how it ended. Signals, attention and rows are filled only when asked for."""
+
+    token_ids: list[int] = field(default_factory=list)
+    signals: list[list[float]] = field(default_factory=list)  # per token: log p, entropy, margin
+    attention: list[list[float]] = field(default_factory=list)  # per token: a_{i,i-1} per captured head
+    attention_rows: list[list[list[float]]] = field(default_factory=list)
+    finish: str | None = None  # "eos" | "stop" | "length" (generate)
+    seconds: float = 0.0  # from the start of its batch until it finished
+    text: str = ""  # token_ids decoded (special tokens skipped; step-wise decoding)
+    emitted: int = 0  # characters of `text` already returned as StepOutput.text pieces
 
 
 @dataclass
 class DecodeState:
-    """One sequence decoded step by step. ``logits[j]`` are the next-token logits (fp32) after the prompt
-    and ``token_ids[:j]``; ``len(logits) == len(token_ids) + 1``."""
+    """Rows decoded step by step after one prompt, in lockstep: every row holds the same number of tokens.
+    ``logits[j]`` (rows, vocab; fp32) are each row's next-token logits after the prompt and its first j tokens;
+    ``len(logits) == tokens + 1``. `Sampler.start` makes a state of one row, `Sampler.fork` one of several."""
 
     prompt_ids: list[int]
     cache: Cache
     params: SamplingParams
     generator: torch.Generator
     capture: AttentionCapture | None
-    token_ids: list[int] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)
-    text: str = ""  # token_ids decoded (special tokens skipped)
-    emitted: int = 0  # characters of `text` already returned as StepOutput.text pieces
+    rows: list[Row]
+    logits: list[torch.Tensor]
+    stop: list[str] = field(default_factory=list)
+    forked: bool = False  # made by fork: step and append return one result per row
+
+    @property
+    def tokens(self) -> int:
+        """Tokens each row holds after the prompt."""
+        return len(self.rows[0].token_ids)
 
     @property
     def length(self) -> int:
-        """Tokens in the KV cache: prompt plus everything sampled or appended."""
-        return len(self.prompt_ids) + len(self.token_ids)
+        """Positions in the KV cache: prompt plus everything sampled or appended."""
+        return len(self.prompt_ids) + self.tokens
 
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens after the prompt, of a state of one row (a fork's: ``rows[i].token_ids``)."""
+        return self._single().token_ids
 
-# ---- KV cache -----------------------------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        """`token_ids` decoded, of a state of one row (a fork's: ``rows[i].text``)."""
+        return self._single().text
 
-
-class PreallocatedLayer(DynamicLayer):
-    """One layer's keys and values in buffers of shape (batch, kv_heads, capacity, head_dim), written in
-    place; ``keys``/``values`` are views of the first ``length`` positions. Grows (doubling) if needed."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        batch, heads, length, key_dim = key_states.shape
-        self.capacity = max(self.capacity, length)
-        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_dim)
-        self.value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start = self.claim(key_states.shape[-2])
-        self.key_buffer[:, :, start:self.length] = key_states
-        self.value_buffer[:, :, start:self.length] = value_states
-        return self.keys, self.values
-
-    def claim(self, tokens: int) -> int:
-        """Room for ``tokens`` more positions, counted in the length (growing the buffers if needed); returns the
-        first of them, where the caller writes their keys and values into the buffers."""
-        start, end = self.length, self.length + tokens
-        if end > self.capacity:
-            self._reallocate(max(end, 2 * self.capacity))
-        self._set_length(end)
-        return start
-
-    def _set_length(self, length: int) -> None:
-        self.length = length
-        self.keys = self.key_buffer[:, :, :length]
-        self.values = self.value_buffer[:, :, :length]
-
-    def _reallocate(self, capacity: int, rows: torch.Tensor | None = None, repeats: int = 1) -> None:
-        """New buffers of `capacity` positions holding the current `length` ones (of `rows`, each `repeats` times)."""
-        keys, values = self.keys, self.values
-        if rows is not None:
-            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
-        batch, heads, _, key_dim = keys.shape
-        self.key_buffer = keys.new_empty(batch * repeats, heads, capacity, key_dim)
-        self.value_buffer = values.new_empty(batch * repeats, heads, capacity, values.shape[-1])
-        # broadcast copy: row r of the old batch fills rows r*repeats .. r*repeats+repeats-1
-        self.key_buffer.view(batch, repeats, heads, capacity, key_dim)[:, :, :, :self.length] = keys[:, None]
-        self.value_buffer.view(batch, repeats, heads, capacity, -1)[:, :, :, :self.length] = values[:, None]
-        self.capacity = capacity
-        self._set_length(self.length)
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last ``-tokens_to_remove`` positions (transformers' convention: a negative count)."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
-        if self.is_initialized:
-            self._set_length(self.length + tokens_to_remove)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._reallocate(self.capacity, repeats=repeats)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._reallocate(self.capacity, rows=indices)
-
-    def reset(self) -> None:
-        self.length = 0
-        super().reset()
-
-
-class KVCache(Cache):
-    """A transformers `Cache` of `PreallocatedLayer`s (full-attention models).
-
-    ``shared_prefix``: after `batch_repeat_interleave` the rows copied from one row hold the same first positions;
-    (source row of each row, length of that common part) lets the CPU attention kernel read those positions
-    once per group of copies. None when no rows are copies. Kept right through row selection and cropping."""
-
-    def __init__(self, num_layers: int, capacity: int):
-        super().__init__(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
-        self.copied_from: torch.Tensor | None = None  # per row: the row of the first batch it is a copy of
-        self.shared_prefix: tuple[torch.Tensor, int] | None = None
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        rows = self.layers[0].keys.shape[0] if self.layers[0].is_initialized else 0
-        origin = self.copied_from if self.copied_from is not None else torch.arange(rows)
-        common = self.shared_prefix[1] if self.shared_prefix is not None else self.get_seq_length()
-        super().batch_repeat_interleave(repeats)
-        self._share(origin.repeat_interleave(repeats), common)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.shared_prefix is not None:
-            self._share(self.copied_from[indices.cpu()], self.shared_prefix[1])
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        if self.shared_prefix is not None:
-            self._share(self.copied_from, min(self.shared_prefix[1], self.get_seq_length()))
-
-    def reset(self) -> None:
-        super().reset()
-        self._share(None, 0)
-
-    def _share(self, copied_from: torch.Tensor | None, length: int) -> None:
-        if copied_from is None or length == 0:  # nothing in common: the rows' copy history no longer matters
-            self.copied_from = self.shared_prefix = None
-            return
-        self.copied_from = copied_from
-        # each row reads the common part from the first row that is a copy of the same row
-        same = copied_from[None, :] == copied_from[:, None]
-        self.shared_prefix = (same.int().argmax(dim=1), length)
-
-
-def full_attention_layers(config) -> int | None:
-    """The number of layers when every one is plain full attention (the preallocated cache fits); else None."""
-    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    return len(layer_types) if all(kind == "full_attention" for kind in layer_types) else None
-
-
-def new_cache(config, capacity: int) -> Cache:
-    """The preallocated cache when every layer is plain full attention; transformers' `DynamicCache`
-    (which knows sliding windows and other layer types) otherwise."""
-    num_layers = full_attention_layers(config)
-    return KVCache(num_layers, capacity) if num_layers is not None else DynamicCache(config=config)
+    def _single(self) -> Row:
+        if len(self.rows) != 1:
+            raise ValueError(f"this state has {len(self.rows)} rows: read state.rows[i]")
+        return self.rows[0]
 
 
 # ---- attention capture --------------------------------------------------------------------------
@@ -660,6 +618,10 @@ class Sampler:
     ``cpu_kernels``: the decoder's norms, rotary embedding, activation, one-token attention and products, and the
     sampling's top-k, on CPU through ``cpu_kernels.cpp`` (default: when it builds and takes the model; True makes
     that an error otherwise; False keeps torch's operations, whose bf16 logits equal transformers' bit for bit).
+
+    The sampler never changes the model: every call decodes the model as it is at that moment (its weights,
+    adapters and modules; the engine is chosen again at each call) and leaves its train/eval mode as it was
+    (module docstring, "Engines").
     """
 
     def __init__(self, loaded, pack_weights: bool | None = None, llama_decoder: bool | None = None,
@@ -667,7 +629,7 @@ class Sampler:
         model = loaded.model
         if hasattr(model, "get_base_model"):  # a peft model: its base holds the adapter layers and takes every argument
             model = model.get_base_model()
-        self.model = model.eval()
+        self.model = model
         self.tokenizer = loaded.tokenizer
         self.device = torch.device(loaded.device)
         self.dtype = next(self.model.parameters()).dtype
@@ -683,25 +645,42 @@ class Sampler:
         parameters = inspect.signature(self.model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in parameters
-        if pack_weights is None:
-            pack_weights = packed.available(self.device)
-        # the written-out forward for Llama-family models (llama_decoder.py); transformers' forward otherwise
-        reason = unsupported_reason(self.model)
-        if llama_decoder and reason is not None:
-            raise ValueError(f"llama_decoder=True, but {type(self.model).__name__} is not supported: {reason}")
-        self.decoder = None
-        if llama_decoder is not False and reason is None:
-            self.decoder = LlamaDecoder.of(self.model, pack_weights)
-        if cpu_kernels and self.decoder is None:
-            raise ValueError("cpu_kernels=True needs the written-out decoder, which does not run "
-                             f"{type(self.model).__name__}" + (f": {reason}" if reason else " with llama_decoder=False"))
-        self.cpu_kernels = cpu_kernels
-        self.packed = PackedLinears.of(self.model) if pack_weights and self.decoder is None else None
+        self.pack_weights = packed.available(self.device) if pack_weights is None else pack_weights
+        self.llama_decoder, self.cpu_kernels = llama_decoder, cpu_kernels
+        self.decoder = self._current_decoder()  # chosen again at every call (`_running`)
         # attention modules by layer, for attaching a capture (transformers' convention: `layer_idx`, `head_dim`)
         self.attention_modules = {}
         for module in self.model.modules():
             if getattr(module, "layer_idx", None) is not None and hasattr(module, "head_dim"):
                 self.attention_modules.setdefault(module.layer_idx, module)
+
+    def _current_decoder(self) -> LlamaDecoder | None:
+        """The written-out decoder for the model as it is now, or None for transformers' forward (checking the
+        ``llama_decoder`` and ``cpu_kernels`` settings against it)."""
+        reason = unsupported_reason(self.model)
+        if self.llama_decoder and reason is not None:
+            raise ValueError(f"llama_decoder=True, but {type(self.model).__name__} is not supported: {reason}")
+        decoder = None
+        if self.llama_decoder is not False and reason is None:
+            decoder = LlamaDecoder.of(self.model, self.pack_weights)
+        if self.cpu_kernels and decoder is None:
+            raise ValueError("cpu_kernels=True needs the written-out decoder, which does not run "
+                             f"{type(self.model).__name__}" + (f": {reason}" if reason else " with llama_decoder=False"))
+        return decoder
+
+    def engine_info(self) -> dict:
+        """What decodes the model as it is now, for run headers (two runs' figures compare when these match):
+        ``engine`` "decoder" (`LlamaDecoder`) or "transformers" (transformers' forward); ``cpu_kernels``: the
+        forward pass runs ``cpu_kernels.cpp``; ``packed_weights``: oneDNN-prepacked linear weights; ``dtype``,
+        ``device``, ``torch_threads``; ``adapter``: a peft adapter is active (decoded through its folded weights on
+        the decoder, see ``adapters.py``)."""
+        decoder = self._current_decoder()
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        return {"engine": "decoder" if decoder is not None else "transformers",
+                "cpu_kernels": decoder is not None and decoder._use_kernels(self.cpu_kernels, probe),
+                "packed_weights": bool(self.pack_weights) and packed.available(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+                "torch_threads": torch.get_num_threads(), "adapter": adapters.adapter_active(self.model)}
 
     # ---- prompts ----
 
@@ -728,8 +707,9 @@ class Sampler:
         """
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (dict, numbers.Integral))):
             prompts = [prompts]
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(f"n={n}, max_new_tokens={max_new_tokens}: both must be >= 1")
+        n, max_new_tokens = check_count("n", n), check_count("max_new_tokens", max_new_tokens)
+        if batch_size is not None:
+            batch_size = check_count("batch_size", batch_size)
         params = SamplingParams(temperature, top_p, top_k, greedy)
         stop = [s for s in (stop or []) if s]
         if prompt_lookup:
@@ -789,8 +769,7 @@ class Sampler:
 
     def _check_prompt_lookup(self, prompt_lookup: int, params: SamplingParams, n: int, capture_heads,
                              batch_size: int | None) -> None:
-        if prompt_lookup < 0:
-            raise ValueError(f"prompt_lookup={prompt_lookup}: must be >= 0 (0: off)")
+        check_count("prompt_lookup", prompt_lookup, minimum=0)
         if not params.greedy or n != 1 or capture_heads or (batch_size or 1) != 1:
             raise ValueError(f"prompt_lookup={prompt_lookup} works for greedy=True, n=1, batch_size=1 and no "
                              f"capture_heads (got greedy={params.greedy}, n={n}, batch_size={batch_size}, "
@@ -830,28 +809,23 @@ class Sampler:
         decode_mask = self._decode_mask(cache, mask, has_padding)
         prefill_s = time.perf_counter() - started
 
-        num_rows = len(prompt_ids) * n
-        rows = list(range(num_rows))  # batch index -> row (prompt-major: prompt i, sample j -> i * n + j)
-        tokens_of = [[] for _ in range(num_rows)]
-        signals_of = [[] for _ in range(num_rows)]
-        attention_of = [[] for _ in range(num_rows)]
-        attention_rows_of = [[] for _ in range(num_rows)]
-        finish = [None] * num_rows
-        seconds = [0.0] * num_rows
+        rows = [Row() for _ in range(len(prompt_ids) * n)]  # prompt-major: prompt i, sample j -> i * n + j
+        live = list(range(len(rows)))  # batch index -> index in rows
         decode_started = time.perf_counter()
         for _ in range(max_new_tokens):
             tokens = choose_tokens(logits, params, generator, self.cpu_kernels)
-            if signals:
-                for row, values in zip(rows, token_signals(logits, tokens, **signals).tolist()):
-                    signals_of[row].append(values)
-            for row, token in zip(rows, tokens.tolist()):
-                if finish[row] is not None:
+            values = token_signals(logits, tokens, **signals).tolist() if signals else None
+            for index, token in enumerate(tokens.tolist()):
+                row = rows[live[index]]
+                if row.finish is not None:
                     continue
-                tokens_of[row].append(token)
-                finish[row] = self._finish_reason(tokens_of[row], stop, ignore_eos, max_new_tokens)
-                if finish[row] is not None:
-                    seconds[row] = time.perf_counter() - started
-            all_finished = all(finish[row] is not None for row in rows)
+                row.token_ids.append(token)
+                if values is not None:
+                    row.signals.append(values[index])
+                row.finish = self._finish_reason(row.token_ids, stop, ignore_eos, max_new_tokens)[0]
+                if row.finish is not None:
+                    row.seconds = time.perf_counter() - started
+            all_finished = all(rows[index].finish is not None for index in live)
             if all_finished and capture is None:
                 break
             # consume the sampled tokens: next-token logits, and row i of the attention for the captured heads
@@ -862,63 +836,69 @@ class Sampler:
             next_position += 1
             if capture is not None:
                 previous, attention_rows = capture.collect()
-                for index, (row, values) in enumerate(zip(rows, previous[:, :, 0].tolist())):
-                    if len(attention_of[row]) < len(tokens_of[row]):  # finished rows stay until compacted
-                        attention_of[row].append(values)
+                for index, values in enumerate(previous[:, :, 0].tolist()):
+                    row = rows[live[index]]
+                    if len(row.attention) < len(row.token_ids):  # finished rows stay until compacted
+                        row.attention.append(values)
                         if attention_rows is not None:
-                            start = padding[row // n]
-                            attention_rows_of[row].append(attention_rows[index, :, 0, start:cache_length].tolist())
+                            start = padding[live[index] // n]
+                            row.attention_rows.append(attention_rows[index, :, 0, start:cache_length].tolist())
             if all_finished:
                 break
-            finished_here = [index for index, row in enumerate(rows) if finish[row] is not None]
-            if len(finished_here) >= max(1, DROP_FINISHED_FRACTION * len(rows)):
-                keep = [index for index, row in enumerate(rows) if finish[row] is None]
+            finished_here = [index for index, row in enumerate(live) if rows[row].finish is not None]
+            if len(finished_here) >= max(1, DROP_FINISHED_FRACTION * len(live)):
+                keep = [index for index, row in enumerate(live) if rows[row].finish is None]
                 keep_index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(keep_index)
                 logits = logits[keep_index]
                 decode_mask = None if decode_mask is None else decode_mask[keep_index]
                 next_position = next_position[keep_index]
-                rows = [rows[index] for index in keep]
+                live = [live[index] for index in keep]
         decode_s = time.perf_counter() - decode_started
 
         results = []
         for prompt_index, ids in enumerate(prompt_ids):
-            completions = []
-            for row in range(prompt_index * n, (prompt_index + 1) * n):
-                completion = self._completion(tokens_of[row], finish[row], stop, seconds[row], signals_of[row])
-                if capture is not None:
-                    completion.attention = attention_of[row]
-                    completion.attention_rows = attention_rows_of[row] if capture.keep_rows else None
-                completions.append(completion)
+            completions = [self._completion(row, stop, capture) for row in rows[prompt_index * n:(prompt_index + 1) * n]]
             timing = Timing(prefill_s, decode_s, len(ids), sum(len(c.token_ids) for c in completions), len(prompt_ids))
             results.append((completions, timing))
         return results
 
     def _finish_reason(self, generated: list[int], stop: list[str], ignore_eos: bool,
-                       max_new_tokens: int) -> str | None:
-        """Why a sequence ends with its last token (see the module docstring), or None if it goes on."""
+                       max_new_tokens: int | None = None) -> tuple[str | None, str | None]:
+        """(why a sequence ends with its last token, the stop string it completed) (see the module docstring);
+        (None, None) if it goes on. A stop string counts when the last token completed it (a stop string earlier
+        in the text, which step-wise decoding may have gone past, does not end it again)."""
         if generated[-1] in self.eos_ids and not ignore_eos:
-            return "eos"
+            return "eos", None
         if stop:
             window = max(len(s) for s in stop) + 4  # tokens: each decodes to >= 1 character
-            if any(s in self.tokenizer.decode(generated[-window:], skip_special_tokens=True) for s in stop):
-                return "stop"
-        return "length" if len(generated) == max_new_tokens else None
+            text = self.tokenizer.decode(generated[-window:], skip_special_tokens=True)
+            found = [s for s in stop if s in text]
+            if found:
+                before = self.tokenizer.decode(generated[-window:-1], skip_special_tokens=True)
+                completed = [s for s in found if s not in before]
+                if completed:
+                    return "stop", min(completed, key=text.find)
+        return ("length", None) if len(generated) == max_new_tokens else (None, None)
 
-    def _completion(self, generated: list[int], finish: str, stop: list[str], seconds: float,
-                    signals: list[list[float]]) -> Completion:
-        """A finished sequence: its text cut before a stop string; `signals` (log p, entropy, margin per token, or
-        empty when none were computed) may run past its last token."""
-        text, stop_string = self.tokenizer.decode(generated, skip_special_tokens=True), None
-        if finish == "stop":
+    def _completion(self, row: Row, stop: list[str], capture: AttentionCapture | None = None) -> Completion:
+        """A finished row as a `Completion`: its text cut before its stop string."""
+        text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        stop_string = None
+        if row.finish == "stop":
             found = find_stop(text, stop)
             if found is not None:
                 text, stop_string = text[:found[0]], found[1]
-        signals = signals[:len(generated)]
-        return Completion(text=text, token_ids=generated, finish_reason=finish, stop=stop_string, seconds=seconds,
-                          logprobs=[values[0] for values in signals] if signals else None,
-                          entropies=[values[1] for values in signals] if signals else None,
-                          margins=[values[2] for values in signals] if signals else None)
+        signals = row.signals
+        completion = Completion(text=text, token_ids=row.token_ids, finish_reason=row.finish, stop=stop_string,
+                                seconds=row.seconds,
+                                logprobs=[values[0] for values in signals] if signals else None,
+                                entropies=[values[1] for values in signals] if signals else None,
+                                margins=[values[2] for values in signals] if signals else None)
+        if capture is not None:
+            completion.attention = row.attention
+            completion.attention_rows = row.attention_rows if capture.keep_rows else None
+        return completion
 
     def _generate_lookup(self, prompt_ids: list[int], max_new_tokens: int, draft_tokens: int, stop: list[str],
                          ignore_eos: bool, signals: dict | None) -> tuple[Completion, Timing]:
@@ -929,7 +909,7 @@ class Sampler:
         cache, logits = self._prefill(prompt_ids, len(prompt_ids) + max_new_tokens + draft_tokens + 1)
         logits = logits[None]
         prefill_s = time.perf_counter() - started
-        generated, token_signals_of, finish, draft = [], [], None, []
+        row, draft = Row(), []
         while True:
             # logits[j]: the next-token logits after the last chosen token (j = 0), then after draft[j - 1]
             choices = logits.argmax(dim=-1).tolist()
@@ -939,21 +919,23 @@ class Sampler:
             new_tokens = choices[:accepted + 1]  # the draft tokens the model agrees with, then its own next token
             if signals:
                 chosen = torch.tensor(new_tokens, device=self.device)
-                token_signals_of += token_signals(logits[:accepted + 1], chosen, **signals).tolist()
+                row.signals += token_signals(logits[:accepted + 1], chosen, **signals).tolist()
             for token in new_tokens:
-                generated.append(token)
-                finish = self._finish_reason(generated, stop, ignore_eos, max_new_tokens)
-                if finish is not None:
+                row.token_ids.append(token)
+                row.finish = self._finish_reason(row.token_ids, stop, ignore_eos, max_new_tokens)[0]
+                if row.finish is not None:
                     break
-            if finish is not None:
+            if row.finish is not None:
                 break
             cache.crop(accepted - len(draft))
+            generated = row.token_ids
             draft = lookup_draft(prompt_ids + generated, min(draft_tokens, max_new_tokens - len(generated) - 1))
-            logits = self._feed(torch.tensor(generated[-1:] + draft, device=self.device), cache,
-                                len(prompt_ids) + len(generated) - 1)
-        seconds = time.perf_counter() - started
-        completion = self._completion(generated, finish, stop, seconds, token_signals_of)
-        return completion, Timing(prefill_s, seconds - prefill_s, len(prompt_ids), len(generated), 1)
+            logits = self._feed(torch.tensor([generated[-1:] + draft], device=self.device), cache,
+                                len(prompt_ids) + len(generated) - 1)[0]
+        row.seconds = time.perf_counter() - started
+        row.signals = row.signals[:len(row.token_ids)]
+        completion = self._completion(row, stop)
+        return completion, Timing(prefill_s, row.seconds - prefill_s, len(prompt_ids), len(row.token_ids), 1)
 
     def _decode_mask(self, cache: Cache, mask: torch.Tensor, has_padding: bool) -> torch.Tensor | None:
         """The attention mask for one-token decode steps, to be cut to the cache length + 1.
@@ -1002,26 +984,30 @@ class Sampler:
 
     def _feed(self, tokens: torch.Tensor, cache: Cache, length: int,
               capture: AttentionCapture | None = None) -> torch.Tensor:
-        """Feed `tokens` (1-D) to one sequence whose `cache` holds `length` positions; fp32 next-token logits
-        after each of them (tokens, vocab)."""
-        count = len(tokens)
-        positions = torch.arange(length, length + count, device=self.device)[None]
+        """Feed `tokens` (rows, count) to rows without padding whose `cache` holds `length` positions; fp32
+        next-token logits after each of them (rows, count, vocab)."""
+        rows, count = tokens.shape
+        positions = torch.arange(length, length + count, device=self.device)[None].expand(rows, count)
         # one token: a 4D mask keeps SDPA on its fast grouped-query path (see _decode_mask); several: causal
-        mask = (torch.zeros(1, 1, 1, length + 1, dtype=self.dtype, device=self.device)
+        mask = (torch.zeros(rows, 1, 1, length + 1, dtype=self.dtype, device=self.device)
                 if count == 1 and self._takes_4d_mask(cache) else None)
-        return self._run(tokens[None], cache, positions, mask, logits_to_keep=count, capture=capture)[0]
+        return self._run(tokens, cache, positions, mask, logits_to_keep=count, capture=capture)
 
-    # ---- capture switching ----
+    # ---- the model as it is now ----
 
     def _running(self, capture: AttentionCapture | None) -> contextlib.ExitStack:
-        """The model as the sampler runs it: the decoder's weights up to date, or transformers' forward with packed
-        linear weights (if on) and the capture (if any) attached."""
+        """The model as the sampler runs it for one call: the engine chosen for the model as it is now (its
+        weights, adapters and modules) and up to date with it, every module in evaluation mode (no dropout)
+        and restored to its own mode afterwards; on transformers' forward, packed linear weights (if on) and the
+        capture (if any) attached."""
         stack = contextlib.ExitStack()
+        stack.enter_context(evaluation_mode(self.model))
+        self.decoder = self._current_decoder()
         if self.decoder is not None:
             self.decoder.refresh()
             return stack
-        if self.packed is not None:
-            stack.enter_context(self.packed)
+        if self.pack_weights and packed.available(self.device):
+            stack.enter_context(PackedLinears.of(self.model))
         stack.enter_context(_CaptureContext(self.model, self.attention_modules, capture))
         return stack
 
@@ -1030,72 +1016,146 @@ class Sampler:
     @torch.inference_mode()
     def start(self, prompt: Prompt, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
               greedy: bool = False, seed: int | None = 0, capture_heads: Sequence[tuple[int, int]] | None = None,
-              capture_rows: bool = False, chat: bool | None = None) -> DecodeState:
-        """Prefill one prompt and return the state that `step`, `rollback` and `append` work on."""
+              capture_rows: bool = False, chat: bool | None = None, stop: Sequence[str] | None = None) -> DecodeState:
+        """Prefill one prompt and return the one-row state that `step`, `append`, `rollback`, `fork` and `select`
+        work on. The sampling parameters and ``stop`` strings are the state's defaults; `step` may override them."""
         prompt_ids = self.encode(prompt, chat)
+        params = SamplingParams(temperature, top_p, top_k, greedy)
         capture, generator = self._capture(capture_heads, capture_rows), self._generator(seed)
         with self._running(None):  # prompt rows are not needed
             cache, logits = self._prefill(prompt_ids, len(prompt_ids) + 256)
-        return DecodeState(prompt_ids, cache, SamplingParams(temperature, top_p, top_k, greedy), generator, capture,
-                           logits=[logits])
+        return DecodeState(prompt_ids, cache, params, generator, capture, rows=[Row()], logits=[logits[None]],
+                           stop=[s for s in (stop or []) if s])
 
     @torch.inference_mode()
-    def step(self, state: DecodeState) -> StepOutput:
-        """Sample the next token, feed it to the model, return it with its signals (module docstring)."""
-        logits = state.logits[-1][None]
-        token = choose_tokens(logits, state.params, state.generator, self.cpu_kernels)
-        return self._consume(state, token)[0]
+    def step(self, state: DecodeState, greedy: bool | None = None, temperature: float | None = None,
+             top_p: float | None = None, top_k: int | None = None, stop: Sequence[str] | None = None,
+             candidates: int = 0) -> StepOutput | list[StepOutput]:
+        """Choose each row's next token, feed it to the model (one forward pass for all rows), return it with its
+        signals: a `StepOutput`, or for a fork one per row. Sampling parameters given here apply to this step only
+        (`SamplingParams.override`); ``stop`` replaces the state's stop strings for this step; ``candidates``: also
+        return each token's distribution's best ``candidates`` tokens with their log-probs."""
+        params = state.params.override(greedy, temperature, top_p, top_k)
+        tokens = choose_tokens(state.logits[-1], params, state.generator, self.cpu_kernels)
+        outputs = self._consume(state, tokens[:, None], stop, candidates)
+        return [row[0] for row in outputs] if state.forked else outputs[0][0]
 
     @torch.inference_mode()
-    def append(self, state: DecodeState, text_or_ids: str | Sequence[int]) -> list[StepOutput]:
-        """Force tokens (text is encoded without special tokens) in one forward pass; their signals."""
+    def append(self, state: DecodeState, text_or_ids: str | Sequence[int], stop: Sequence[str] | None = None,
+               candidates: int = 0) -> list[StepOutput] | list[list[StepOutput]]:
+        """Force tokens (text is encoded without special tokens) after every row, in one forward pass; their
+        signals (for a fork: one list per row)."""
         if isinstance(text_or_ids, str):
             ids = self.tokenizer(text_or_ids, add_special_tokens=False)["input_ids"]
         else:
             ids = [int(token) for token in text_or_ids]
         if not ids:
-            return []
-        return self._consume(state, torch.tensor(ids, device=self.device))
+            return [[] for _ in state.rows] if state.forked else []
+        tokens = torch.tensor(ids, device=self.device)[None].expand(len(state.rows), -1)
+        outputs = self._consume(state, tokens, stop, candidates)
+        return outputs if state.forked else outputs[0]
 
     def rollback(self, state: DecodeState, k: int) -> None:
-        """Forget the last k sampled or appended tokens: crop the KV cache by k; nothing is recomputed."""
-        if not 0 <= k <= len(state.token_ids):
-            raise ValueError(f"rollback(k={k}): only {len(state.token_ids)} tokens after the prompt")
+        """Forget the last k sampled or appended tokens of every row: crop the KV cache by k; nothing is
+        recomputed."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= state.tokens:
+            raise ValueError(f"rollback(k={k!r}): must be an integer in 0..{state.tokens} (the tokens after the prompt)")
         if k == 0:
             return
         state.cache.crop(-k)
-        del state.token_ids[-k:]
         del state.logits[-k:]
-        state.text = self.tokenizer.decode(state.token_ids, skip_special_tokens=True)
-        state.emitted = min(state.emitted, len(state.text.rstrip(INCOMPLETE)))
+        for row in state.rows:
+            del row.token_ids[-k:]
+            row.text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+            row.emitted = min(row.emitted, len(row.text.rstrip(INCOMPLETE)))
 
-    def _consume(self, state: DecodeState, tokens: torch.Tensor) -> list[StepOutput]:
-        """Feed `tokens` (1-D) after the state's sequence; record logits and signals for each."""
-        count = len(tokens)
-        previous_logits = torch.stack(state.logits[-1:], dim=0)
+    @torch.inference_mode()
+    def fork(self, state: DecodeState, n: int) -> DecodeState:
+        """A state of ``n`` branches of each row of `state` (row i's copies at i * n .. i * n + n - 1), which
+        `state` itself is left as it was. The branches share what `state` computed: their KV cache rows are
+        copies of its rows (nothing is recomputed; the CPU attention kernel reads their common positions once),
+        and each `step` feeds all of them in one forward pass. The fork draws from its own generator, a copy of
+        the state's."""
+        n = check_count("n", n)
+        return self._take(state, torch.arange(len(state.rows)).repeat_interleave(n), forked=True)
+
+    @torch.inference_mode()
+    def select(self, state: DecodeState, rows: int | Sequence[int]) -> DecodeState:
+        """A new state of the chosen rows of `state` (one index: a one-row state, as `start` makes; a list: a
+        fork of those rows, in that order); `state` is left as it was."""
+        single = isinstance(rows, numbers.Integral)
+        indices = [int(rows)] if single else [int(row) for row in rows]
+        if not indices or any(not 0 <= index < len(state.rows) for index in indices):
+            raise ValueError(f"select(rows={rows!r}): this state has rows 0..{len(state.rows) - 1}")
+        return self._take(state, torch.tensor(indices), forked=not single)
+
+    def _take(self, state: DecodeState, indices: torch.Tensor, forked: bool) -> DecodeState:
+        """A new state whose row j is a copy of `state`'s row ``indices[j]``."""
+        generator = torch.Generator(device=self.device)
+        generator.set_state(state.generator.get_state())
+        device_indices = indices.to(self.device)
+        return DecodeState(state.prompt_ids, take_rows(state.cache, device_indices), state.params, generator,
+                           state.capture, rows=[copy.deepcopy(state.rows[index]) for index in indices.tolist()],
+                           logits=[logits.index_select(0, device_indices) for logits in state.logits],
+                           stop=list(state.stop), forked=forked)
+
+    def _consume(self, state: DecodeState, tokens: torch.Tensor, stop: Sequence[str] | None,
+                 candidates: int) -> list[list[StepOutput]]:
+        """Feed `tokens` (rows, count) after the state's rows; record their logits; per row, a `StepOutput` per
+        token."""
+        rows, count = tokens.shape
+        candidates = check_count("candidates", candidates, minimum=0)
+        stop = state.stop if stop is None else [s for s in stop if s]
         with self._running(state.capture):
-            new_logits = self._feed(tokens, state.cache, state.length, state.capture)
+            new_logits = self._feed(tokens, state.cache, state.length, state.capture)  # (rows, count, vocab)
         # the distribution each token was drawn from: the state's last logits, then the new ones but the last
-        before = torch.cat([previous_logits, new_logits[:-1]], dim=0)
-        values = token_signals(before, tokens).tolist()
-        attention = rows = None
+        before = torch.cat([state.logits[-1][:, None], new_logits[:, :-1]], dim=1).flatten(0, 1)
+        values = token_signals(before, tokens.flatten()).view(rows, count, 3).tolist()
+        best = None
+        if candidates:
+            top = before.topk(min(candidates, before.shape[-1]), dim=-1)
+            best_logprobs = (top.values - before.logsumexp(dim=-1, keepdim=True)).view(rows, count, -1).tolist()
+            best = [[list(zip(ids, logprobs)) for ids, logprobs in zip(row_ids, row_logprobs)]
+                    for row_ids, row_logprobs in zip(top.indices.view(rows, count, -1).tolist(), best_logprobs)]
+        attention = attention_rows = None
         if state.capture is not None:
             previous, all_rows = state.capture.collect()
-            attention = previous[0].T.tolist()  # (tokens, heads)
+            attention = previous.transpose(1, 2).tolist()  # (rows, tokens, heads)
             if all_rows is not None:
-                rows = [all_rows[0, :, j, :state.length + j + 1].tolist() for j in range(count)]
+                attention_rows = [[all_rows[r, :, j, :state.length + j + 1].tolist() for j in range(count)]
+                                  for r in range(rows)]
+        state.logits += list(new_logits.unbind(1))
         outputs = []
-        for j, token in enumerate(tokens.tolist()):
-            state.token_ids.append(token)
-            state.logits.append(new_logits[j])
-            state.text = self.tokenizer.decode(state.token_ids, skip_special_tokens=True)
-            piece = ""  # a token that ends inside a multi-byte character shows nothing until the character is whole
-            if not state.text.endswith(INCOMPLETE):
-                piece, state.emitted = state.text[state.emitted:], len(state.text)
-            outputs.append(StepOutput(token, piece, *values[j], is_eos=token in self.eos_ids,
-                                      attention=attention[j] if attention is not None else None,
-                                      attention_rows=rows[j] if rows is not None else None))
+        for r, (row, row_tokens) in enumerate(zip(state.rows, tokens.tolist())):
+            outputs.append([])
+            for j, token in enumerate(row_tokens):
+                row.token_ids.append(token)
+                row.text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+                piece = ""  # a token that ends inside a multi-byte character shows nothing until the character is whole
+                if not row.text.endswith(INCOMPLETE):
+                    piece, row.emitted = row.text[row.emitted:], len(row.text)
+                finish, stop_string = self._finish_reason(row.token_ids, stop, ignore_eos=False)
+                outputs[-1].append(StepOutput(
+                    token, piece, *values[r][j], is_eos=token in self.eos_ids,
+                    attention=attention[r][j] if attention is not None else None,
+                    attention_rows=attention_rows[r][j] if attention_rows is not None else None,
+                    finish_reason=finish, stop=stop_string, candidates=best[r][j] if best is not None else None))
         return outputs
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module):
+    """Every module of `model` in evaluation mode (dropout off) inside the block; each module that was training
+    is set back to training on exit. Only the ``training`` flags change, for the duration of the block: the
+    sampler never calls ``model.eval()``, which would leave a model being trained in evaluation mode."""
+    training = [module for module in model.modules() if module.training]
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 class _CaptureContext:

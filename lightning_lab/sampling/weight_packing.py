@@ -23,6 +23,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from lightning_lab.sampling import adapters
+
 BATCH_HINT = 32  # oneDNN picks the layout for this many rows; fp32 needs > 1 for batched decode, bf16 ignores it
 MIN_ELEMENTS = 2**14
 
@@ -47,19 +49,12 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def stamp(weight: torch.Tensor) -> tuple[int, int]:
-    """Changes when the weight does: its storage, or its version counter (bumped by in-place updates)."""
-    try:
-        return weight.data_ptr(), weight._version
-    except RuntimeError:  # weights created under inference_mode keep no version counter
-        return weight.data_ptr(), -1
-
-
 class FusedLinear:
-    """Several `nn.Linear` layers over the same input as one product: their weights (and biases) stacked,
+    """Several linear layers over the same input as one product: their weights (and biases) stacked,
     prepacked when `pack` is true and the stacked weight is worth it (unpacked, stacking copies the
-    weights: on a GPU the fused layers take their memory twice). Call `refresh` before use: it drops the
-    stacked copies when a source weight or bias changed, and each is made again at its first use."""
+    weights). A layer is a plain `nn.Linear` or a peft LoRA layer over one, whose adapters are folded into a
+    private copy of its weight (``adapters.py``). Call `refresh` before use: it drops the stacked copies when
+    a source weight, bias or adapter changed, and each is made again at its first use."""
 
     def __init__(self, *linears: torch.nn.Linear, pack: bool):
         self.linears = linears
@@ -67,19 +62,18 @@ class FusedLinear:
         self.stamp = None
 
     def refresh(self) -> None:
-        current = tuple(stamp(tensor) for module in self.linears for tensor in (module.weight, module.bias)
-                        if tensor is not None)
+        current = tuple(adapters.weight_stamp(module) for module in self.linears)
         if current == self.stamp:
             return
         self.stamp = current
         # unstacked, as the modules hold them, for the CPU kernels' one-row products (which read rows contiguously)
-        self.source_weights = tuple(module.weight.detach().contiguous() for module in self.linears)
+        self.source_weights = tuple(adapters.folded_weight(module) for module in self.linears)
         self.out_features = sum(weight.shape[0] for weight in self.source_weights)
+        biases = [adapters.linear_bias(module) for module in self.linears]
         self.bias = None
-        if any(module.bias is not None for module in self.linears):
-            self.bias = torch.cat([module.bias.detach() if module.bias is not None
-                                   else weight.new_zeros(module.out_features)
-                                   for module, weight in zip(self.linears, self.source_weights)])
+        if any(bias is not None for bias in biases):
+            self.bias = torch.cat([bias.detach() if bias is not None else weight.new_zeros(weight.shape[0])
+                                   for bias, weight in zip(biases, self.source_weights)])
         self.packed = self.pack and worth_packing(*self.source_weights)
         self.layouts = {}  # the stacked weight as each kind of product reads it, made at first use
 
@@ -99,16 +93,14 @@ class FusedLinear:
 class PackedLinears:
     """Prepacked copies of a CPU model's plain `nn.Linear` weights, used while the sampler runs.
 
-    Inside ``with packed:`` every such layer computes through its `FusedLinear` of one layer (an
-    instance-level ``forward``, removed on exit, so training and other callers never see it).
+    Inside ``with packed:`` every such layer the model holds at that moment (layers added or replaced since
+    the last time included) computes through its `FusedLinear` of one layer (an instance-level ``forward``,
+    removed on exit, so training and other callers never see it).
     """
 
     def __init__(self, model: torch.nn.Module):
-        # plain nn.Linear only (subclasses may compute differently); none whose forward is already
-        # replaced on the instance (accelerate's hooks do that); none too small to gain
-        self.packed = {module: FusedLinear(module, pack=True) for module in model.modules()
-                       if type(module) is torch.nn.Linear and "forward" not in module.__dict__
-                       and worth_packing(module.weight)}
+        self.model = weakref.ref(model)  # the cache below is keyed by the model: no strong reference back to it
+        self.packed: dict[torch.nn.Linear, FusedLinear] = {}
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> PackedLinears:
@@ -119,6 +111,12 @@ class PackedLinears:
         return _PACKED_BY_MODEL[model]
 
     def __enter__(self):
+        # plain nn.Linear only (subclasses may compute differently); none whose forward is already
+        # replaced on the instance (accelerate's hooks do that); none too small to gain
+        self.packed = {module: self.packed.get(module) or FusedLinear(module, pack=True)
+                       for module in self.model().modules()
+                       if type(module) is torch.nn.Linear and "forward" not in module.__dict__
+                       and worth_packing(module.weight)}
         for module, fused in self.packed.items():
             fused.refresh()
             module.forward = _packed_forward(module, fused)

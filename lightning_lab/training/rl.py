@@ -12,7 +12,7 @@ training/common.py: batches of `Sample`s, the dev half held out), ``trainer:``, 
 
 One training step, for a batch of B prompts:
 
-1. Rollouts: G samples per prompt from the current policy (adapter on, eval mode) through the lab
+1. Rollouts: G samples per prompt from the current policy (adapter on, dropout off) through the lab
    `Sampler` (one shared prefill per prompt), with the model's chat template, ``temperature`` and
    ``top_p``, at most ``max_new_tokens`` each; the seed is a function of ``seed`` and the step, so
    a resumed run draws the samples the uninterrupted run would have drawn.
@@ -216,7 +216,7 @@ class RLModule(LoraModule):
 
     def sample(self, samples: list[Sample], n: int, greedy: bool, seed: int):
         """n completions per sample from the current policy (adapter on), via the lab sampler."""
-        generation = self.sampler().generate(  # Sampler puts the model in eval mode; training_step undoes it
+        generation = self.sampler().generate(
             [sample.prompt for sample in samples], n=n, max_new_tokens=self.hparams.max_new_tokens,
             temperature=self.hparams.temperature, top_p=self.hparams.top_p, greedy=greedy, seed=seed,
             batch_size=len(samples))
@@ -238,7 +238,6 @@ class RLModule(LoraModule):
         group_size = self.hparams.group_size
         seed = zlib.crc32(f"{self.hparams.seed}:{self.global_step}".encode())
         results = self.sample(samples, n=group_size, greedy=False, seed=seed)
-        self.model.train()
         rewards = self.rewards(samples, results).to(self.device)
         advantages = rloo_advantages(rewards).flatten()[:, None]
         completions = [completion for result in results for completion in result.completions]
