@@ -72,10 +72,11 @@ def library_name(flags: list[str]) -> str:
     """The compiled library's name in torch's extension cache: torch's version (a library built against other
     torch headers is rebuilt, not loaded), a digest of the CPU's instruction-set features (``-march=native``
     builds for this CPU: a cache shared by machines with other CPUs must never hand one of them this build)
-    and a digest of the source and flags (checkouts with different sources sharing the cache each keep their
-    build instead of rebuilding over each other's)."""
+    and a digest of the source, its path and the flags (torch runs the build again in every new process, and
+    ninja recompiles when the source or its command line changed: checkouts sharing the cache would otherwise
+    rebuild over each other's library, ~40 s each time)."""
     cpu = hashlib.sha256(cpu_features().encode()).hexdigest()[:12]
-    source = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    source = hashlib.sha256(SOURCE.read_bytes() + f"{SOURCE.resolve()} {' '.join(flags)}".encode()).hexdigest()[:12]
     version = re.sub(r"\W", "_", torch.__version__)
     return f"lightning_lab_cpu_kernels_{version}_isa{cpu}_src{source}" + ("_portable" if "-DLAB_PORTABLE" in flags else "")
 
