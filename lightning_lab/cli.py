@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"lab: error: unknown command {name!r}\n", file=sys.stderr)
-        print(usage(), file=sys.stderr)
+        print(f"lab: error: unknown command {name!r}; the commands are {', '.join(COMMANDS)} (lab --help)",
+              file=sys.stderr)
         return EXIT_USER_ERROR
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from lightning_lab.cli import main as lab
+from lightning_lab.errors import ArgumentParser, check_writable_dir
 
 
 def run(command: str) -> None:
@@ -25,13 +26,14 @@ def run(command: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lab demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="lab demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/demo", help="where the demo's runs go")
     parser.add_argument("--model", default="smollm2-135m", help="model for the sampling steps")
     parser.add_argument("--pretrain-steps", type=int, default=150, help="optimizer steps for the tiny GPT")
     args = parser.parse_args(argv)
-    root = Path(args.root)
+    if args.pretrain_steps < 1:
+        parser.error(f"--pretrain-steps must be a positive integer, got {args.pretrain_steps}")
+    root = check_writable_dir(args.root, "--root")
     for needed in ("configs/bon/collector_base.json", "configs/pretrain/tiny.yaml", "data/prompts/arithmetic.jsonl"):
         if not Path(needed).is_file():
             parser.error(f"{needed} not found: run `lab demo` from the repository root")

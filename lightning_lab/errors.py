@@ -9,12 +9,15 @@ Raise it from anywhere below the CLI; the message says what is wrong and where (
 or the config key), so it reads on its own after the ``lab <command>: error:`` prefix. Commands
 parse their flags with `ArgumentParser` below (argparse's own usage errors become UserErrors too)
 and check their paths with the ``check_*`` functions first, so a typo costs seconds, not a model load.
+Commands parsed by jsonargparse (stages through LightningCLI, loops) read their ``--config`` files
+with `check_config_files` first and raise `jsonargparse_message(error)` as the UserError.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -22,6 +25,10 @@ EXIT_USER_ERROR = 2
 
 class UserError(Exception):
     """Bad input from the user: reported as one line and exit status 2 by `lightning_lab.cli.main`."""
+
+
+class DataError(UserError, ValueError):
+    """A data, config or model file is missing, unreadable or malformed; the message names the file (and line)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -32,15 +39,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def check_input_file(path: str | os.PathLike, flag: str) -> Path:
-    """`path` (given as `flag`) is an existing, readable file."""
+def check_input_file(path: str | os.PathLike, flag: str = "") -> Path:
+    """`path` (given as `flag`, if it came from one) is an existing, readable file."""
     path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
     if path.is_dir():
-        raise UserError(f"{flag} {path}: is a directory, expected a file")
+        raise DataError(f"{where}: is a directory, expected a file")
     if not path.is_file():
-        raise UserError(f"{flag} {path}: no such file")
+        raise DataError(f"{where}: no such file")
     if not os.access(path, os.R_OK):
-        raise UserError(f"{flag} {path}: not readable (permission denied)")
+        raise DataError(f"{where}: not readable (permission denied)")
     return path
 
 
@@ -97,3 +105,35 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
         raise UserError(f"{flag} {path}: is a file, expected a directory")
     _check_creatable(path / "_", flag)
     return path
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """Every `--config FILE` (or `--config=FILE`) in argv, in order."""
+    files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    return files + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Read every `--config FILE` in argv: a missing or malformed one is named with its line (jsonargparse,
+    which reads them later, would say ``<unicode string>``)."""
+    from lightning_lab.data.io import read_yaml_or_json  # here, not at the top: data.io imports this module
+
+    for path in config_files(argv):
+        check_input_file(path, "--config")
+        read_yaml_or_json(path)
+
+
+def jsonargparse_message(error: Exception, argv: list[str]) -> str:
+    """A jsonargparse error in the lab's words: the flag as typed (`--model.lr`), an unknown key with the config
+    file it came from, plain type names, and for a value that fits none of a union's types, the value and the
+    choices rather than every type's error."""
+    message = re.sub(r'Parser key "([^"]+)"', r"--\1", str(error))
+    message = re.sub(r"Subcommand '\w+' does not accept option '([^']+)'",
+                     rf"unknown key '\1' in --config {' '.join(config_files(argv))}", message)
+    message = re.sub(r"<class '([\w.]+)'>", r"\1", message)
+    union = re.search(r"Does not validate against any of the Union subtypes(.*)Given value: (.*)$", message, re.S)
+    if union:
+        choices = ", ".join(re.findall(r"Literal\[([^\]]*)\]", union.group(1).split("Errors:")[0]))
+        expected = f" (expected one of {choices})" if choices else ""
+        message = f"{message[:union.start()]}invalid value {union.group(2).strip()}{expected}"
+    return " ".join(message.split())

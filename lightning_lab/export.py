@@ -11,10 +11,9 @@ directory no longer depends on the run directory or the tokenizer path the run u
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from lightning_lab.errors import check_input_file, check_new_output_dir
+from lightning_lab.errors import ArgumentParser, check_input_file, check_new_output_dir
 from lightning_lab.models.loading import load_causal_lm, save_model_dir
 
 
@@ -29,7 +28,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "fp32") ->
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lab export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="lab export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True,
                         help="a lab checkpoint (.ckpt), e.g. runs/pretrain/NAME/checkpoints/last.ckpt")
     parser.add_argument("--out", required=True, help="output directory (must not exist yet, or be empty)")

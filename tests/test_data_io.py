@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from lightning_lab.data.io import DataError, JsonlWriter, read_jsonl, read_yaml_or_json, write_json_atomic
+from lightning_lab.data.io import DataError, JsonlWriter, read_jsonl, read_lines, read_yaml_or_json, write_json_atomic
 
 
 def test_read_jsonl_numbers_lines_and_skips_blank_lines(tmp_path):
@@ -19,6 +19,18 @@ def test_read_jsonl_malformed_line_names_file_and_line(tmp_path):
     path.write_text('{"a": 1}\n\n{"a": 2,\n{"a": 3}\n')
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: malformed JSON"):
         list(read_jsonl(path))
+
+
+def test_a_byte_that_is_not_utf8_is_named_at_its_own_line(tmp_path):
+    """Far past the decoder's first buffer (8 KiB): the line number is the bad byte's, not the buffer's."""
+    path = tmp_path / "x.jsonl"
+    lines = [json.dumps({"id": i, "text": "padding " * 4}).encode() for i in range(3000)]
+    lines[2500] = b'{"id": 2500, "text": "caf\xe9"}'
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2501: not UTF-8 \(byte 0xe9 at column 26\)"):
+        list(read_jsonl(path))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2501: not UTF-8"):
+        list(read_lines(path))
 
 
 def test_read_jsonl_rejects_non_object_line(tmp_path):

@@ -186,7 +186,7 @@ def test_status_reads_a_real_tracker_through_the_lab_cli(tmp_path, capsys):
 def test_status_without_runs_and_with_a_missing_root(tmp_path, capsys):
     assert status_main(["--root", str(tmp_path)]) == 0
     assert "no runs under" in capsys.readouterr().out
-    assert status_main(["--root", str(tmp_path / "nope")]) == 2
+    assert lab_main(["status", "--root", str(tmp_path / "nope")]) == 2
     assert str(tmp_path / "nope") in capsys.readouterr().err
 
 
@@ -218,7 +218,7 @@ def test_artifacts_reports_missing(tmp_path, capsys):
     (tmp_path / "incomplete" / "checkpoints").mkdir()
     (tmp_path / "incomplete" / "checkpoints" / "last.ckpt").write_bytes(b"")
     assert artifacts_main(["--root", str(tmp_path)]) == 0
-    assert artifacts_main(["--root", str(tmp_path / "nope")]) == 2
+    assert lab_main(["artifacts", "--root", str(tmp_path / "nope")]) == 2
 
 
 def test_human_duration():

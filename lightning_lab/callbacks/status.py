@@ -5,7 +5,6 @@ Kept apart from the callback so that these commands start without importing Ligh
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -15,6 +14,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from lightning_lab.errors import ArgumentParser, check_input_dir
 
 TRACKER_DIR = "_run_tracker"
 # A running heartbeat older than this many heartbeat intervals (and no live process) is stale.
@@ -115,16 +116,13 @@ def status_table(root: Path, now: float | None = None) -> str | None:
 
 
 def status_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lab status", description="One row per run found under --root.")
+    parser = ArgumentParser(prog="lab status", description="One row per run found under --root.")
     parser.add_argument("--root", default="runs", help="directory searched recursively for runs (default: runs)")
     parser.add_argument("--watch", type=float, default=None, metavar="N", help="reprint every N seconds until Ctrl+C")
     args = parser.parse_args(argv)
-    if args.watch is not None and args.watch <= 0:
+    if args.watch is not None and not 0 < args.watch < float("inf"):  # also NaN
         parser.error(f"--watch must be a positive number of seconds, got {args.watch:g}")
-    root = Path(args.root)
-    if not root.is_dir():
-        print(f"lab status: run root {str(root)!r} does not exist (pass --root DIR)", file=sys.stderr)
-        return 2
+    root = check_input_dir(args.root, "--root")
     try:
         while True:
             table = status_table(root)
@@ -140,13 +138,10 @@ def status_main(argv: list[str]) -> int:
 
 
 def artifacts_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lab artifacts", description="Required vs present artifacts per run.")
+    parser = ArgumentParser(prog="lab artifacts", description="Required vs present artifacts per run.")
     parser.add_argument("--root", default="runs", help="directory searched recursively for runs (default: runs)")
     args = parser.parse_args(argv)
-    root = Path(args.root)
-    if not root.is_dir():
-        print(f"lab artifacts: run root {str(root)!r} does not exist (pass --root DIR)", file=sys.stderr)
-        return 2
+    root = check_input_dir(args.root, "--root")
     runs = find_runs(root)
     if not runs:
         print(f"no runs under {root} (no {TRACKER_DIR}/heartbeat.json found)")

@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lightning_lab.data.io import DataError, read_jsonl
+from lightning_lab.data.io import DataError, read_jsonl, read_lines
+from lightning_lab.errors import check_input_file
 from lightning_lab.eval.metrics import extract_boxed
 
 SPLITS = ("train", "dev", "test", "all")
@@ -71,9 +72,9 @@ def load_benchmark(
 ) -> list[Sample]:
     """Load a benchmark by name or from a local file; see the module docstring for formats and splits."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive integer or None; got {limit!r}")
+        raise DataError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"limit must be a positive integer or None; got {limit!r}")
     name = str(name_or_path)
     if name == "gsm8k":
         samples = _choose_split(name, _load_gsm8k_from_hub(), split)
@@ -83,8 +84,9 @@ def load_benchmark(
         raise DataError("math: pass a local JSONL path whose lines have 'problem' and 'solution' (or 'answer')")
     else:
         path = Path(name)
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"{path}: no such file, and not a known benchmark (gsm8k, humaneval)")
+        check_input_file(path)
         samples = _choose_split(str(path), {"all": read_samples(path)}, split)
     return _apply_limit(samples, limit, seed)
 
@@ -237,26 +239,24 @@ def _extra_keys(record: dict, used: tuple[str, ...]) -> dict:
 
 
 def _read_tsv(path: Path) -> Iterable[tuple[int, Sample]]:
-    with path.open(encoding="utf-8") as f:
-        seen_a_line = False
-        for line_number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            is_header = not seen_a_line and line.strip().lower() == "prompt\treference"
-            seen_a_line = True
-            if is_header:
-                continue
-            fields = line.split("\t")
-            where = f"{path}:{line_number}"
-            if len(fields) != 2:
-                raise DataError(f"{where}: expected 'prompt<TAB>reference' (2 tab-separated fields), got {len(fields)}")
-            prompt, reference = fields
-            if not prompt.strip():
-                raise DataError(f"{where}: empty prompt")
-            if not reference.strip():
-                raise DataError(f"{where}: empty reference")
-            yield line_number, Sample(f"{path.stem}-{line_number}", prompt, reference)
+    seen_a_line = False
+    for line_number, line in read_lines(path):
+        if not line.strip():
+            continue
+        is_header = not seen_a_line and line.strip().lower() == "prompt\treference"
+        seen_a_line = True
+        if is_header:
+            continue
+        fields = line.split("\t")
+        where = f"{path}:{line_number}"
+        if len(fields) != 2:
+            raise DataError(f"{where}: expected 'prompt<TAB>reference' (2 tab-separated fields), got {len(fields)}")
+        prompt, reference = fields
+        if not prompt.strip():
+            raise DataError(f"{where}: empty prompt")
+        if not reference.strip():
+            raise DataError(f"{where}: empty reference")
+        yield line_number, Sample(f"{path.stem}-{line_number}", prompt, reference)
 
 
 # ---- named sources --------------------------------------------------------------------------------

@@ -6,17 +6,20 @@
     lab data pack --tokenizer data/tokenizer/lab --input data/corpus/train.txt --output data/packed/train.bin
     lab data pack --tokenizer data/tokenizer/lab --input data/corpus/val.txt --output data/packed/val.bin
     lab data discovery-tasks --seed 0 --out-train data/discover/train.jsonl --out-heldout data/discover/heldout.jsonl
+
+Every input is checked and every output must not exist yet before any work starts: nothing already
+written is overwritten, and a failed command leaves no partial file.
 """
 
 from __future__ import annotations
 
-import argparse
-
 from lightning_lab.data.corpus import DIFFICULTIES, TASK_FAMILIES, CorpusConfig, write_corpus
+from lightning_lab.errors import (ArgumentParser, UserError, check_input_dir, check_input_file,
+                                  check_new_output_dir, check_new_output_file)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lab data", description="Build pretraining data.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="lab data", description="Build pretraining data.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     defaults = CorpusConfig()
@@ -59,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "corpus":
+        train_out = check_new_output_file(args.train_out, "--train-out")
+        if train_out.resolve() == check_new_output_file(args.val_out, "--val-out").resolve():
+            raise UserError(f"--train-out and --val-out are the same file, {train_out}")
         config = CorpusConfig(seed=args.seed, train_lines=args.train_lines, val_lines=args.val_lines,
                               filler_fraction=args.filler_fraction, families=tuple(args.families),
                               difficulties=tuple(args.difficulties))
@@ -67,6 +73,12 @@ def main(argv: list[str]) -> int:
     elif args.command == "tokenizer":
         from lightning_lab.data.tokenizer import train_tokenizer
 
+        check_input_file(args.input, "--input")
+        if args.vocab_size < 1:
+            raise UserError(f"--vocab-size must be a positive integer, got {args.vocab_size}")
+        for suffix in (".model", ".vocab"):
+            check_new_output_file(args.model_prefix + suffix, "--model-prefix")
+        check_new_output_dir(args.model_prefix, "--model-prefix")
         directory = train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.model_type,
                                     character_coverage=args.character_coverage)
         print(f"wrote {args.model_prefix}.model and the transformers tokenizer {directory}/")
@@ -79,6 +91,10 @@ def main(argv: list[str]) -> int:
     else:
         from lightning_lab.data.packed import header_path, pack
 
+        check_input_dir(args.tokenizer, "--tokenizer")
+        check_input_file(args.input, "--input")
+        check_new_output_file(args.output, "--output")
+        check_new_output_file(header_path(args.output), "--output")
         header = pack(args.tokenizer, args.input, args.output, append_eos=bool(args.append_eos))
         print(f"wrote {header['num_tokens']} {header['dtype']} tokens from {header['num_documents']} lines "
               f"to {args.output} (header {header_path(args.output)})")

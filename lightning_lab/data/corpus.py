@@ -40,11 +40,14 @@ which Python hashes with SHA-512, so PYTHONHASHSEED does not matter).
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from lightning_lab.data.io import DataError
 
 TASK_FAMILIES: tuple[str, ...] = (
     "add", "sub", "mul", "sort_digits", "sort_words",
@@ -109,14 +112,17 @@ class CorpusConfig:
         self.difficulties = tuple(int(d) for d in self.difficulties)
         unknown = [f for f in self.families if f not in TASK_FAMILIES]
         if unknown:
-            raise ValueError(f"unknown task families {unknown}; choose from {list(TASK_FAMILIES)}")
+            raise DataError(f"unknown task families {unknown}; choose from {list(TASK_FAMILIES)}")
         bad = [d for d in self.difficulties if d not in DIFFICULTIES]
         if bad:
-            raise ValueError(f"difficulties must be in {list(DIFFICULTIES)}, got {bad}")
+            raise DataError(f"difficulties must be in {list(DIFFICULTIES)}, got {bad}")
+        for name, value in (("train_lines", self.train_lines), ("val_lines", self.val_lines)):
+            if not isinstance(value, int) or value < 0:
+                raise DataError(f"{name} must be an integer >= 0, got {value!r}")
         if not 0.0 <= self.filler_fraction <= 1.0:
-            raise ValueError(f"filler_fraction must be in [0, 1], got {self.filler_fraction}")
+            raise DataError(f"filler_fraction must be in [0, 1], got {self.filler_fraction}")
         if self.filler_fraction < 1.0 and not (self.families and self.difficulties):
-            raise ValueError("task lines need at least one family and one difficulty")
+            raise DataError("task lines need at least one family and one difficulty")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +260,12 @@ def write_corpus(config: CorpusConfig, train_out: str | Path, val_out: str | Pat
     outputs = {"train": (Path(train_out), config.train_lines), "val": (Path(val_out), config.val_lines)}
     for split, (path, num_lines) in outputs.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8", newline="\n") as f:
-            for line in generate_lines(config, split, num_lines):
-                f.write(line + "\n")
+        temporary = path.with_name(path.name + ".tmp")  # renamed when complete: never half a corpus
+        try:
+            with temporary.open("w", encoding="utf-8", newline="\n") as f:
+                for line in generate_lines(config, split, num_lines):
+                    f.write(line + "\n")
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
     return {split: path for split, (path, _) in outputs.items()}

@@ -20,13 +20,25 @@ from typing import Any
 
 import yaml
 
-from lightning_lab.errors import UserError
+from lightning_lab.errors import DataError, check_input_file
 
 log = logging.getLogger(__name__)
 
 
-class DataError(UserError, ValueError):
-    """A data or config file is missing or malformed; the message names the file (and line)."""
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """Yield `(line_number, line)` of a UTF-8 text file, without the line ending; line numbers are 1-based.
+
+    Each line is decoded on its own, so a byte that is not UTF-8 is reported at its own line
+    (`DataError("path:line: not UTF-8 ...")`), not wherever the decoder's buffer happened to end.
+    """
+    path = check_input_file(path)
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                yield line_number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{line_number}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") \
+                    from None
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -35,20 +47,16 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     A line that is not valid JSON, or is valid JSON but not an object, raises
     `DataError("path:line: reason")`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_number}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            yield line_number, record
+    for line_number, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_number}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+        yield line_number, record
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
@@ -192,10 +200,12 @@ class JsonlWriter:
 
 def read_yaml_or_json(path: str | os.PathLike) -> dict:
     """Read a config file (.yaml / .yml / .json) whose top level is a mapping; an empty file is {}."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    path = check_input_file(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line_number = path.read_bytes().count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line_number}: not UTF-8 (byte {e.object[e.start]:#04x})") from None
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:

@@ -67,7 +67,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from lightning_lab.data.io import DataError, write_json_atomic
+from lightning_lab.data.io import DataError, read_lines, write_json_atomic
+from lightning_lab.errors import check_input_file
 from lightning_lab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 HEADER_FORMAT = "lightning_lab.packed"
@@ -89,8 +90,7 @@ def pack(tokenizer_path: str | Path, input_path: str | Path, output_path: str | 
          append_eos: bool = True, lines_per_batch: int = 4096) -> dict:
     """Tokenize `input_path` line by line into `output_path` (+ header); returns the header."""
     tokenizer_path, input_path, output_path = Path(tokenizer_path), Path(input_path), Path(output_path)
-    if not input_path.is_file():
-        raise DataError(f"{input_path}: no such file (the text to pack)")
+    check_input_file(input_path, "--input")
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = len(tokenizer)
     dtype_name = "uint16" if vocab_size <= UINT16_MAX_VOCAB else "uint32"
@@ -101,19 +101,26 @@ def pack(tokenizer_path: str | Path, input_path: str | Path, output_path: str | 
     output_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = output_path.with_name(output_path.name + ".tmp")
     num_tokens = num_documents = skipped_blank = 0
-    with temporary.open("wb") as out:
-        for lines in _batched_lines(input_path, lines_per_batch):
-            documents = [line for line in lines if line.strip()]
-            skipped_blank += len(lines) - len(documents)
-            if not documents:
-                continue
-            ids = tokenizer(documents)["input_ids"]
-            if append_eos:
-                ids = [document + [tokenizer.eos_token_id] for document in ids]
-            flat = np.fromiter((token for document in ids for token in document), dtype=dtype)
-            flat.tofile(out)
-            num_tokens += len(flat)
-            num_documents += len(documents)
+    try:
+        with temporary.open("wb") as out:
+            for lines in _batched_lines(input_path, lines_per_batch):
+                documents = [line for line in lines if line.strip()]
+                skipped_blank += len(lines) - len(documents)
+                if not documents:
+                    continue
+                ids = tokenizer(documents)["input_ids"]
+                if append_eos:
+                    ids = [document + [tokenizer.eos_token_id] for document in ids]
+                flat = np.fromiter((token for document in ids for token in document), dtype=dtype)
+                flat.tofile(out)
+                num_tokens += len(flat)
+                num_documents += len(documents)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a failed pack leaves nothing behind
+        raise
+    if num_documents == 0:
+        temporary.unlink()
+        raise DataError(f"{input_path}: no text to pack (every line is blank)")
 
     header = {
         "format": HEADER_FORMAT, "version": HEADER_VERSION, "dtype": dtype_name,
@@ -132,16 +139,11 @@ def pack(tokenizer_path: str | Path, input_path: str | Path, output_path: str | 
 
 def _batched_lines(path: Path, size: int) -> Iterator[list[str]]:
     batch: list[str] = []
-    line_number = 0
-    try:
-        with path.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                batch.append(line.rstrip("\n"))
-                if len(batch) == size:
-                    yield batch
-                    batch = []
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{line_number + 1}: not UTF-8 ({e.reason})") from None
+    for _, line in read_lines(path):
+        batch.append(line)
+        if len(batch) == size:
+            yield batch
+            batch = []
     if batch:
         yield batch
 
@@ -285,7 +287,11 @@ class PackedDataModule(L.LightningDataModule):
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.num_workers, self.val_batches = num_workers, val_batches
         self.prompts = prompts
-        # Check everything now, so a wrong path or tokenizer fails before a model is built.
+        # Check everything now, so a wrong value, path or tokenizer fails before a model is built.
+        for name, value, least in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
+                                   ("num_workers", num_workers, 0), ("val_batches", val_batches or 1, 1)):
+            if value < least:
+                raise DataError(f"data.{name} must be >= {least}, got {value}")
         self.tokenizer = load_tokenizer(tokenizer)
         self.vocab_size = len(self.tokenizer)
         for path in (train_path, val_path):
@@ -354,7 +360,7 @@ class PackedDataModule(L.LightningDataModule):
         changed = {key: (stored.get(key), value) for key, value in settings.items() if stored.get(key) != value}
         if changed:
             details = ", ".join(f"{key}: saved {saved!r}, now {now!r}" for key, (saved, now) in changed.items())
-            raise ValueError(f"cannot resume the batch order of {self.train_path}: data settings differ from the "
+            raise DataError(f"cannot resume the batch order of {self.train_path}: data settings differ from the "
                              f"checkpoint ({details}); resume with the settings it was trained with")
         self._resume_batch = int(state_dict["batches_consumed"])
         if self._train_sampler is not None:

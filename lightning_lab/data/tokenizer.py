@@ -35,6 +35,7 @@ import os
 from pathlib import Path
 
 from lightning_lab.data.io import DataError
+from lightning_lab.errors import check_input_file
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 THOUGHT_TOKENS: tuple[str, ...] = ("<|startofthought|>", "<|endofthought|>")
@@ -59,11 +60,11 @@ def train_tokenizer(
     """
     import sentencepiece as spm
 
-    input = Path(input)
-    if not input.is_file():
-        raise DataError(f"{input}: no such file (the tokenizer's training text)")
+    input = check_input_file(input, "--input")
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"--model-type must be one of {MODEL_TYPES}, got {model_type!r}")
+        raise DataError(f"--model-type must be one of {MODEL_TYPES}, got {model_type!r}")
+    if not 0.0 < character_coverage <= 1.0:
+        raise DataError(f"--character-coverage must be in (0, 1], got {character_coverage}")
     prefix = str(model_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
@@ -79,7 +80,7 @@ def train_tokenizer(
             num_threads=os.cpu_count() or 1, minloglevel=1,
         )
     except RuntimeError as e:  # e.g. "Vocabulary size too high (4000). Please set it to a value <= 310."
-        raise ValueError(f"training a {model_type} tokenizer on {input} failed: {e}") from None
+        raise DataError(f"training a {model_type} tokenizer on {input} failed: {e}") from None
 
     tokenizer = tokenizer_from_sentencepiece(prefix + ".model", model_type, reserved_tokens)
     output_dir = Path(prefix)

@@ -23,6 +23,7 @@ import re
 import shutil
 import socket
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,19 +155,15 @@ def load_causal_lm(spec: str = DEFAULT_MODEL, device: str | torch.device = "auto
         kwargs["attn_implementation"] = attn_implementation
 
     spec = str(spec)
-    path = Path(spec).expanduser()
-    if spec in ALIASES:
+    kind, path = check_model_spec(spec), Path(spec).expanduser()
+    if kind == "alias":
         model, tokenizer = _load_alias(spec, kwargs)
-    elif path.suffix == ".gguf":
+    elif kind == "gguf":
         model, tokenizer = _load_gguf(path, kwargs)
-    elif path.suffix == ".ckpt":
+    elif kind == "ckpt":
         model, tokenizer = _load_lab_checkpoint(path, kwargs)
-    elif path.is_dir():
+    elif kind == "dir":
         model, tokenizer = _load_hf_dir(path, kwargs)
-    elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise ModelLoadError(
-            f"model {spec!r}: not a directory, .gguf or .ckpt file, alias ({', '.join(ALIASES)}) "
-            f"or hub id (org/name)")
     else:
         model, tokenizer = _load_hub_id(spec, kwargs)
 
@@ -176,6 +173,35 @@ def load_causal_lm(spec: str = DEFAULT_MODEL, device: str | torch.device = "auto
     loaded = LoadedModel(model, tokenizer, spec, torch_device, torch_dtype)
     log.info("loaded %r", loaded)
     return loaded
+
+
+def check_model_spec(spec: str) -> str:
+    """What `spec` names, "alias", "gguf", "ckpt", "dir" or "hub", checked without loading a weight: the file or
+    directory exists, a checkpoint unpickles with weights_only (memory-mapped), a directory has a readable
+    config.json and whole safetensors headers. A command calls it first, so a bad model spec costs a second."""
+    path = Path(spec).expanduser()
+    if spec in ALIASES:
+        if not (cache_root() / "models" / spec / "config.json").is_file():
+            alias_gguf_path(spec)
+        return "alias"
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        return "gguf"
+    if path.suffix == ".ckpt":
+        load_checkpoint(path, mmap=True)
+        return "ckpt"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a Hugging Face model directory (no config.json)")
+        read_yaml_or_json(path / "config.json")  # a malformed config is named with its line
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors(weights)
+        return "dir"
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelLoadError(f"model {spec!r}: not a directory, .gguf or .ckpt file, alias ({', '.join(ALIASES)}) "
+                             "or hub id (org/name)")
+    return "hub"
 
 
 def check_safetensors(path: Path) -> None:
@@ -194,11 +220,6 @@ def check_safetensors(path: Path) -> None:
 def _load_hf_dir(path: Path, kwargs: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path}: not a Hugging Face model directory (no config.json)")
-    read_yaml_or_json(path / "config.json")  # a malformed config is named with its line
-    for weights in sorted(path.glob("*.safetensors")):
-        check_safetensors(weights)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -210,8 +231,6 @@ def _load_hf_dir(path: Path, kwargs: dict):
 def _load_gguf(path: Path, kwargs: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not path.is_file():
-        raise ModelLoadError(f"GGUF file {path} does not exist")
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -263,6 +282,8 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {path}: {'is a directory' if path.is_dir() else 'no such file'}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not a lab checkpoint
+        raise ModelLoadError(f"checkpoint {path}: not a readable torch checkpoint (torch.save writes a zip archive)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:

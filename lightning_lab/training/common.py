@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -41,10 +40,11 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning_lab.callbacks.pause import GracefulPause
 from lightning_lab.callbacks.tracker import RunTracker
 from lightning_lab.data.benchmarks import Sample, load_benchmark
-from lightning_lab.data.io import DataError, JsonlWriter, read_jsonl, read_yaml_or_json
-from lightning_lab.errors import UserError, check_input_file, check_writable_dir
+from lightning_lab.data.io import DataError, JsonlWriter, read_jsonl
+from lightning_lab.errors import (UserError, check_config_files, check_input_file, check_writable_dir, config_files,
+                                  jsonargparse_message)
 from lightning_lab.loops import engine_info
-from lightning_lab.models.loading import LoadedModel, load_causal_lm, load_checkpoint
+from lightning_lab.models.loading import LoadedModel, check_model_spec, load_causal_lm, load_checkpoint
 from lightning_lab.models.lora import LoraSettings, add_lora, save_adapter
 from lightning_lab.sampling.sampler import Sampler
 
@@ -190,11 +190,15 @@ class LabCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's first step after parsing, where it reads the hyper-parameters of a ``--ckpt_path`` file:
-        the device, the run directory and the checkpoint are checked before it, and before anything is built."""
+        the device, the run directory, the checkpoint and the model spec (``model.model`` of the stages that
+        load one) are checked before it, and before anything is built or written."""
         config = self.config[self.config.subcommand]
         check_accelerator(config.trainer.accelerator)
         check_writable_dir(self.run_dir(), "--run.root/--run.name")
         self.resolve_ckpt_path()
+        model_spec = config.model.get("model") if hasattr(config.model, "get") else None
+        if isinstance(model_spec, str):
+            check_model_spec(model_spec)
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -258,29 +262,10 @@ def check_accelerator(accelerator) -> None:
                         f"{', '.join(present)} (use --trainer.accelerator {present[0]}, or auto)")
 
 
-def config_files(argv: list[str]) -> list[str]:
-    """Every `--config FILE` (or `--config=FILE`) in argv, in order."""
-    files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
-    return files + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
-
-
 def config_stem(argv: list[str]) -> str | None:
     """The stem of the first `--config FILE`: the default run name."""
     files = config_files(argv)
     return Path(files[0]).stem if files else None
-
-
-def argument_message(error: Exception) -> str:
-    """jsonargparse's message in the lab's words: the flag as typed (`--model.lr`), plain type names, and for
-    a value that fits none of a union's types, the value and the choices rather than every type's error."""
-    message = re.sub(r'Parser key "([^"]+)"', r"--\1", str(error))
-    message = re.sub(r"<class '([\w.]+)'>", r"\1", message)
-    union = re.search(r"Does not validate against any of the Union subtypes(.*)Given value: (.*)$", message, re.S)
-    if union:
-        choices = ", ".join(re.findall(r"Literal\[([^\]]*)\]", union.group(1).split("Errors:")[0]))
-        expected = f" (expected one of {choices})" if choices else ""
-        message = f"{message[:union.start()]}invalid value {union.group(2).strip()}{expected}"
-    return message
 
 
 def run_stage_cli(model_class, datamodule_class, stage: str, argv: list[str],
@@ -292,9 +277,7 @@ def run_stage_cli(model_class, datamodule_class, stage: str, argv: list[str],
     Every mistake in the arguments or config files is a `UserError`: config files are read first (a
     malformed one is named with its line; jsonargparse would say ``<unicode string>``), jsonargparse's
     errors (unknown key, wrong type, missing value) and Lightning's configuration errors become one line."""
-    for config_file in config_files(argv):
-        check_input_file(config_file, "--config")
-        read_yaml_or_json(config_file)
+    check_config_files(argv)
     try:
         with warnings.catch_warnings():
             # `lab` hands the stage its own argv; Lightning would warn that sys.argv is also set.
@@ -313,7 +296,7 @@ def run_stage_cli(model_class, datamodule_class, stage: str, argv: list[str],
                 parser_kwargs={"prog": f"lab {stage}", "default_env": False, "exit_on_error": False},
             )
     except ArgumentError as error:
-        raise UserError(argument_message(error)) from error
+        raise UserError(jsonargparse_message(error, argv)) from error
     except MisconfigurationException as error:
         raise UserError(str(error)) from error
 
