@@ -80,7 +80,7 @@ from typing import Any
 import yaml
 
 from lightning_lab.data.io import JsonlWriter, read_yaml_or_json
-from lightning_lab.errors import UserError
+from lightning_lab.errors import UserError, check_config_files, jsonargparse_message
 
 EXIT_FINISHED = 0
 EXIT_PAUSED = 3  # differs from 0 (finished), 1 (a bug) and 2 (a user error): a script can tell a pause apart
@@ -187,16 +187,11 @@ def parse_loop(prog: str, commands: dict[str, tuple[type, str]], argv: list[str]
         sub.add_argument("--config", action=ActionConfigFile, help="a YAML or JSON file of the keys below")
         sub.add_class_arguments(config_class, as_group=False)
         subcommands.add_subcommand(command, sub, help=help_text)
-    config_files = [arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1]
-                    for i, arg in enumerate(argv)
-                    if arg == "--config" and i + 1 < len(argv) or arg.startswith("--config=")]
-    for path in config_files:  # a config file's own errors name the file and line (jsonargparse's do not)
-        read_yaml_or_json(path)
+    check_config_files(argv)  # a config file's own errors name the file and line (jsonargparse's do not)
     try:
         namespace = parser.parse_args(argv)
     except argparse.ArgumentError as error:
-        where = f" (with --config {', '.join(config_files)})" if config_files else ""
-        raise UserError(" ".join(str(error).split()) + where) from None
+        raise UserError(jsonargparse_message(error, argv)) from None
     command = namespace.command
     config_class = commands[command][0]
     values = namespace[command]
