@@ -282,7 +282,10 @@ class LoopRun:
         else:
             self.directory = root / config.name
             if not self.directory.exists():
-                self.directory.mkdir(parents=True)
+                try:
+                    self.directory.mkdir(parents=True)
+                except OSError as error:
+                    raise UserError(f"output_dir: cannot create {self.directory}: {error.strerror}") from None
                 self._created.append(self.directory)
         try:
             open(self.results_path, "x").close()  # atomic: of two starts, exactly one creates it
