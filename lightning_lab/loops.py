@@ -212,13 +212,12 @@ def package_versions() -> dict:
 
 
 def engine_info(sampler) -> dict:
-    """What decoded: the sampler's engine (decoder or transformers, kernels, dtype, threads)."""
+    """What decoded, for a run header: `Sampler.engine_info` (decoder or transformers, CPU kernels, packed
+    weights, dtype, device, threads, adapter). A generator that is not a `Sampler` (a scripted or remote
+    one) has no engine to report: its header records the torch threads alone."""
     import torch
 
-    info = {"threads": torch.get_num_threads()}
-    if hasattr(sampler, "engine_info"):  # Sampler.engine_info is being added on main (issue 21, item 2)
-        info.update(sampler.engine_info())
-    return info
+    return {"threads": torch.get_num_threads(), **(sampler.engine_info() if hasattr(sampler, "engine_info") else {})}
 
 
 class LoopRun:
