@@ -77,6 +77,17 @@ def test_star_baking_raises_the_likelihood_of_the_kept_traces(tiny_llama_dir, tm
     checkpoint = torch.load(baked_dir.parent / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["objective"] == "star"
 
+    # predict: the baked model's answers, thoughts listed beside the text and never in it
+    predict = ["quietstar", "predict", *bake_argv(tiny_llama_dir, traces, tmp_path / "runs", "star")[2:],
+               "--data.val_path", str(traces), "--ckpt_path", "last", "--model.predict.max_new_tokens", "8"]
+    assert lab_main(predict) == 0
+    lines = [json.loads(line) for line in (baked_dir.parent / "predictions.jsonl").read_text().splitlines()]
+    assert "header" in lines[0] and len(lines) == 1 + len(TRACES)
+    for line in lines[1:]:
+        completion = line["completions"][0]
+        assert "<|startofthought|>" not in completion["text"] and isinstance(completion["thoughts"], list)
+    assert lab_main(predict) == 2  # an existing predictions file is never overwritten
+
 
 def test_quietstar_pause_then_resume_equals_an_uninterrupted_run(tiny_lab_gpt_dir, tmp_path):
     texts = tmp_path / "texts.txt"

@@ -42,8 +42,9 @@ the mixing head); the base is reloaded from ``model.model`` and the thought toke
 ``--ckpt_path last`` resumes exactly (RNG states and the batch position included). At the end of fit (not at
 a pause) the baked model is written to ``<run>/baked_model/`` (LoRA merged), a Hugging Face directory with the thought
 tokens in its tokenizer, that `load_causal_lm` and the A/B harness load; the quietstar objective adds
-``mixing_head.pt`` beside it. ``lab quietstar predict`` writes each prompt's answer (thoughts hidden, and
-listed) to ``<run>/predictions.jsonl``.
+``mixing_head.pt`` beside it. ``lab quietstar predict --ckpt_path last`` writes the answers to the prompts of
+``data.predict_path`` (default: ``data.val_path``) to ``<run>/predictions.jsonl`` as `lab sft predict` does
+(``model.predict.*``), each completion with its thoughts listed beside its text and never inside it.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ from lightning_lab.quietstar.injector import InjectorConfig, ThoughtInjector
 from lightning_lab.quietstar.tokens import END_THOUGHT, START_THOUGHT, add_thought_tokens
 from lightning_lab.sampling.prompts import encode_prompt
 from lightning_lab.sampling.sampler import Sampler
-from lightning_lab.training.common import SampleBatches, cosine_schedule, run_stage_cli
+from lightning_lab.training.common import (PredictSettings, SampleBatches, cosine_schedule, predictions_path,
+                                           run_stage_cli)
 from lightning_lab.training.sft import completion_text
 
 log = logging.getLogger(__name__)
@@ -143,24 +145,28 @@ class QuietStarModule(L.LightningModule):
         dtype: dtype the model is loaded in (fp32 default).
         start_token: the thought start marker.
         end_token: the thought end marker.
-        max_new_tokens: answer length for `predict`.
+        predict: how `predict` decodes (training/common.py's PredictSettings); thoughts are sampled when the
+            model starts them, at temperature 1, and never shown in the text.
     """
 
     def __init__(self, model: str = "smollm2-135m", objective: str = "star", lora: LoraSettings | None = None,
                  thoughts: ThoughtSampling = ThoughtSampling(), learning_rate: float = 1e-5, weight_decay: float = 0.0,
                  warmup_steps: int = 10, min_lr_ratio: float = 0.1, max_length: int = 512, dtype: str = "fp32",
-                 start_token: str = START_THOUGHT, end_token: str = END_THOUGHT, max_new_tokens: int = 256):
+                 start_token: str = START_THOUGHT, end_token: str = END_THOUGHT,
+                 predict: PredictSettings = PredictSettings()):
         super().__init__()
         if objective not in OBJECTIVES:
             raise UserError(f"model.objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
-        self.lora, self.thought_sampling = lora, thoughts
-        # plain types only in the hyper-parameters: checkpoints load with torch's weights_only
-        self.save_hyperparameters(ignore=["lora", "thoughts"])
+        self.lora, self.thought_sampling, self.predict_settings = lora, thoughts, predict
+        # plain types only in the hyper-parameters: checkpoints load with torch's weights_only. The predict settings
+        # stay out: LightningCLI lets a --ckpt_path's hyper-parameters override the command line.
+        self.save_hyperparameters(ignore=["lora", "thoughts", "predict"])
         self.hparams["lora"] = asdict(lora) if lora is not None else None
         self.hparams["thoughts"] = asdict(thoughts)
         self.model: torch.nn.Module | None = None
         self.mixing_head: torch.nn.Module | None = None
         self.tokenizer = self.thought_tokens = None
+        self.predictions: JsonlWriter | None = None
         self.strict_loading = False  # frozen weights are not saved; on_load_checkpoint checks the rest
 
     def configure_model(self) -> None:
@@ -281,24 +287,36 @@ class QuietStarModule(L.LightningModule):
         values = self.losses(samples, grad=False)
         self.log_dict({f"val_{k}": v for k, v in values.items()}, batch_size=len(samples), prog_bar=True)
 
-    def predict_step(self, samples: list[Sample], batch_idx: int) -> list[dict]:
-        """Each sample's answer from the baked model, thoughts hidden in the text and listed beside it."""
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            predictions_path(self.trainer, self.predict_settings)  # checked before the model loads
+
+    def on_predict_start(self) -> None:
+        self.predictions = JsonlWriter(predictions_path(self.trainer, self.predict_settings))
+        self.predictions.write({"header": {"stage": "quietstar", "model": self.hparams.model,
+                                           "ckpt_path": self.trainer.ckpt_path,
+                                           "predict": asdict(self.predict_settings)}})
+
+    def predict_step(self, samples: list[Sample], batch_idx: int) -> None:
+        """Each sample's answers from the baked model: thoughts hidden in the text, listed beside it."""
+        settings = self.predict_settings
         loaded = LoadedModel(self.model, self.tokenizer, self.hparams.model, self.device, self.dtype)
         injector = ThoughtInjector(Sampler(loaded), self.thought_tokens, InjectorConfig(thought_probability=0.0))
-        rows = []
         for sample in samples:
-            trace = injector.generate(sample.prompt, max_new_tokens=self.hparams.max_new_tokens, greedy=True)
-            rows.append({"id": sample.id, "prompt": sample.prompt, "text": trace.text, "reference": sample.reference,
-                         "thoughts": [{"position": t.position, "text": t.text} for t in trace.thoughts]})
-        return rows
+            completions = []
+            for draw in range(settings.n):
+                trace = injector.generate(sample.prompt, settings.max_new_tokens, settings.temperature,
+                                          settings.top_p, settings.greedy, seed=settings.seed + draw)
+                completions.append({"text": trace.text, "finish_reason": trace.finish_reason,
+                                    "num_tokens": len(trace.visible_ids),
+                                    "thoughts": [{"position": t.position, "text": t.text} for t in trace.thoughts]})
+            self.predictions.write({"id": sample.id, "prompt": sample.prompt, "reference": sample.reference,
+                                    "completions": completions})
 
-    def on_predict_epoch_end(self) -> None:
-        path = Path(self.trainer.default_root_dir) / "predictions.jsonl"
-        with JsonlWriter(path) as writer:
-            for batch in self.trainer.predict_loop.predictions:
-                for row in batch:
-                    writer.write(row)
-        log.info("predictions written to %s", path)
+    def on_predict_end(self) -> None:
+        if self.predictions is not None:
+            self.predictions.close()
+            log.info("predictions written to %s", self.predictions.path)
 
     # ---- optimisation, checkpoints, the baked model ---------------------------------------------
 
