@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("lightning_lab.training.pretrain:main", "LightningCLI: pretrain the lab GPT (fit | validate)"),
     "export": ("lightning_lab.export:main", "write a checkpoint as a HF directory (safetensors + tokenizer)"),
     "sft": ("lightning_lab.training.sft:main", "LightningCLI: LoRA supervised fine-tuning (fit | validate)"),
+    "sdft": ("lightning_lab.discover.sdft:main", "LightningCLI: self-distillation (or SFT) of discovered answers (fit | validate | predict)"),
     "rl": ("lightning_lab.training.rl:main", "LightningCLI: LoRA RL with a verifiable reward (fit)"),
     "adapter": ("lightning_lab.models.lora:main", "adapter merge: write base + LoRA as one model"),
     "bon": ("lightning_lab.bon.cli:main", "best-of-N: collect | distill | analyze | predict"),
