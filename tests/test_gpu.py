@@ -45,19 +45,14 @@ def varied_cuda(tiny_llama_dir) -> LoadedModel:
 
 
 def hf_greedy(loaded: LoadedModel, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers.generate on the left-padded batch, each row cut after its first EOS."""
-    pad, width = loaded.tokenizer.pad_token_id, max(map(len, prompt_ids))
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device="cuda")
-    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device="cuda")
-    out = loaded.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=pad)
+    """transformers.generate on the left-padded batch, on the GPU; each row cut after its first EOS."""
+    batch = loaded.tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to("cuda")
+    out = loaded.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=loaded.tokenizer.pad_token_id)
     eos = loaded.model.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos)
-    rows = []
-    for row in out[:, width:].tolist():
-        ends = [i for i, token in enumerate(row) if token in eos]
-        rows.append(row[:ends[0] + 1] if ends else row)
-    return rows
+    rows = out[:, batch["input_ids"].shape[1]:].tolist()
+    return [row[:next((i + 1 for i, token in enumerate(row) if token in eos), len(row))] for row in rows]
 
 
 def test_greedy_on_cuda_equals_generate(varied_cuda):
