@@ -55,7 +55,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from lightning_lab.callbacks.pause import GracefulPause
 from lightning_lab.data.benchmarks import Sample, load_benchmark
@@ -68,7 +67,7 @@ from lightning_lab.quietstar.injector import InjectorConfig, ThoughtInjector
 from lightning_lab.quietstar.tokens import END_THOUGHT, START_THOUGHT, add_thought_tokens
 from lightning_lab.sampling.prompts import encode_prompt
 from lightning_lab.sampling.sampler import Sampler
-from lightning_lab.training.common import (PredictSettings, SampleBatches, cosine_schedule, predictions_path,
+from lightning_lab.training.common import (LoraModule, PredictSettings, SampleBatches, predictions_path,
                                            run_stage_cli)
 from lightning_lab.training.sft import completion_text
 
@@ -129,8 +128,12 @@ def mix(head: torch.nn.Module, base_logits: torch.Tensor, post_logits: torch.Ten
 # ---- the LightningModule ------------------------------------------------------------------------
 
 
-class QuietStarModule(L.LightningModule):
+class QuietStarModule(LoraModule):
     """Bakes thoughts into a causal LM with the star or quietstar objective (module docstring).
+
+    The shared `LoraModule` (training/common.py) gives the optimizer and schedule, the checkpoints of trainable
+    weights only and the predictions file; this class adds the thought tokens, full fine-tuning (``lora``
+    None), the mixing head, the two objectives and the baked model at the end of fit.
 
     Args:
         model: base model spec for `load_causal_lm` (alias, HF directory, .gguf, lab .ckpt).
@@ -154,20 +157,16 @@ class QuietStarModule(L.LightningModule):
                  warmup_steps: int = 10, min_lr_ratio: float = 0.1, max_length: int = 512, dtype: str = "fp32",
                  start_token: str = START_THOUGHT, end_token: str = END_THOUGHT,
                  predict: PredictSettings = PredictSettings()):
-        super().__init__()
         if objective not in OBJECTIVES:
             raise UserError(f"model.objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
-        self.lora, self.thought_sampling, self.predict_settings = lora, thoughts, predict
-        # plain types only in the hyper-parameters: checkpoints load with torch's weights_only. The predict settings
-        # stay out: LightningCLI lets a --ckpt_path's hyper-parameters override the command line.
-        self.save_hyperparameters(ignore=["lora", "thoughts", "predict"])
+        super().__init__(model, lora or LoraSettings(), learning_rate, weight_decay, warmup_steps, min_lr_ratio, dtype,
+                         adapter_name="final", predict=predict)
+        self.lora, self.thought_sampling = lora, thoughts
+        # plain types only in the hyper-parameters: checkpoints load with torch's weights_only
         self.hparams["lora"] = asdict(lora) if lora is not None else None
         self.hparams["thoughts"] = asdict(thoughts)
-        self.model: torch.nn.Module | None = None
         self.mixing_head: torch.nn.Module | None = None
-        self.tokenizer = self.thought_tokens = None
-        self.predictions: JsonlWriter | None = None
-        self.strict_loading = False  # frozen weights are not saved; on_load_checkpoint checks the rest
+        self.thought_tokens = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -181,9 +180,6 @@ class QuietStarModule(L.LightningModule):
         if self.hparams.objective == "quietstar":
             hidden_size = pretrained_model(model).config.get_text_config().hidden_size
             self.mixing_head = mixing_head(hidden_size)
-
-    def trainable_names(self) -> set[str]:
-        return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
 
     # ---- losses -------------------------------------------------------------------------------
 
@@ -287,21 +283,16 @@ class QuietStarModule(L.LightningModule):
         values = self.losses(samples, grad=False)
         self.log_dict({f"val_{k}": v for k, v in values.items()}, batch_size=len(samples), prog_bar=True)
 
-    def setup(self, stage: str) -> None:
-        if stage == "predict":
-            predictions_path(self.trainer, self.predict_settings)  # checked before the model loads
-
     def on_predict_start(self) -> None:
         self.predictions = JsonlWriter(predictions_path(self.trainer, self.predict_settings))
         self.predictions.write({"header": {"stage": "quietstar", "model": self.hparams.model,
-                                           "ckpt_path": self.trainer.ckpt_path,
+                                           "objective": self.hparams.objective, "ckpt_path": self.trainer.ckpt_path,
                                            "predict": asdict(self.predict_settings)}})
 
     def predict_step(self, samples: list[Sample], batch_idx: int) -> None:
         """Each sample's answers from the baked model: thoughts hidden in the text, listed beside it."""
         settings = self.predict_settings
-        loaded = LoadedModel(self.model, self.tokenizer, self.hparams.model, self.device, self.dtype)
-        injector = ThoughtInjector(Sampler(loaded), self.thought_tokens, InjectorConfig(thought_probability=0.0))
+        injector = ThoughtInjector(self.sampler(), self.thought_tokens, InjectorConfig(thought_probability=0.0))
         for sample in samples:
             completions = []
             for draw in range(settings.n):
@@ -313,34 +304,15 @@ class QuietStarModule(L.LightningModule):
             self.predictions.write({"id": sample.id, "prompt": sample.prompt, "reference": sample.reference,
                                     "completions": completions})
 
-    def on_predict_end(self) -> None:
-        if self.predictions is not None:
-            self.predictions.close()
-            log.info("predictions written to %s", self.predictions.path)
-
-    # ---- optimisation, checkpoints, the baked model ---------------------------------------------
-
-    def configure_optimizers(self):
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        schedule = cosine_schedule(optimizer, self.hparams.warmup_steps, int(max_steps), self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = self.trainable_names()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+    # ---- checkpoints, the baked model ----------------------------------------------------------
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("hyper_parameters", {})
-        for key in ("model", "objective", "lora"):
+        for key in ("objective", "lora"):
             if key in saved and saved[key] != self.hparams[key]:
                 raise UserError(f"checkpoint was trained with model.{key}={saved[key]!r}, this run has "
                                 f"{self.hparams[key]!r}; resume with the same settings")
-        self.configure_model()  # also reached from load_from_checkpoint, which does not call configure_model
-        if set(checkpoint["state_dict"]) != self.trainable_names():
-            raise UserError("checkpoint weights do not match this model's trainable weights: same model.model, "
-                            "model.objective and model.lora?")
+        super().on_load_checkpoint(checkpoint)  # the same base model and the same trainable weights
 
     def baked_dir(self) -> Path:
         return Path(self.trainer.default_root_dir) / "baked_model"
