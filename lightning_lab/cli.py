@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "discover": ("lightning_lab.discover.cli:main", "discovery suite: run (best-of-N | TTT) | compare"),
     "ace": ("lightning_lab.ace.cli:main", "evolving playbooks (ACE): run | epochs | grid | summarize"),
     "eval": ("lightning_lab.eval.retention:main", "retention: perplexity of a base and an updated model, paired delta"),
+    "pipeline": ("lightning_lab.discover.pipeline:main", "discover-distill: phases A..F of the Discover→Distill experiment, resumable"),
     "ab": ("lightning_lab.eval.ab:main", "A/B test of two arms (settings or models) on one benchmark: McNemar, bootstrap"),
 }
 

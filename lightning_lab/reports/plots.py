@@ -85,3 +85,40 @@ def plot_calibration(mean_predicted: Sequence[float], fraction_positive: Sequenc
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small", loc="upper left")
     return _save(figure, path)
+
+
+def plot_intervals(rows: Sequence[tuple[str, float, float, float]], path: str | Path, *, xlabel: str,
+                   title: str = "") -> Path:
+    """One horizontal bar per (label, value, low, high) with its interval as an error bar, and a line at 0
+    (paired differences: a bar whose interval crosses the line shows no winner)."""
+    if not rows:
+        raise ValueError("plot_intervals: no rows to draw")
+    figure = _new_figure((6.4, 0.45 * len(rows) + 1.6))
+    axes = figure.add_subplot()
+    labels, values = [row[0] for row in rows], [row[1] for row in rows]
+    errors = [[max(0.0, row[1] - row[2]) for row in rows], [max(0.0, row[3] - row[1]) for row in rows]]
+    positions = range(len(rows))
+    axes.barh(positions, values, xerr=errors, color="#4c72b0", alpha=0.8, capsize=3)
+    axes.set_yticks(list(positions), labels)
+    axes.invert_yaxis()
+    axes.axvline(0.0, color="black", linewidth=0.8)
+    axes.set_xlabel(xlabel)
+    axes.set_title(title)
+    return _save(figure, path)
+
+
+def plot_flow(steps: Sequence[str], path: str | Path, *, title: str = "") -> Path:
+    """Boxes left to right joined by arrows: a pipeline's phases."""
+    figure = _new_figure((1.9 * len(steps), 1.6))
+    axes = figure.add_subplot()
+    axes.set_xlim(0, len(steps))
+    axes.set_ylim(0, 1)
+    axes.axis("off")
+    for index, text in enumerate(steps):
+        axes.text(index + 0.5, 0.5, text, ha="center", va="center", fontsize=8, wrap=True,
+                  bbox={"boxstyle": "round", "facecolor": "#dde6f3", "edgecolor": "#4c72b0"})
+        if index:
+            axes.annotate("", xy=(index + 0.08, 0.5), xytext=(index - 0.08, 0.5),
+                          arrowprops={"arrowstyle": "->"})
+    axes.set_title(title)
+    return _save(figure, path)
