@@ -17,7 +17,7 @@ The statistics (A is the baseline, B the treatment; accuracy = mean over items a
   outcome per item: an item counts as solved by an arm when it is solved in more than half of the
   rounds. Pooling the rounds instead would count one item several times as if independent.
 - ``bootstrap_ci``: paired bootstrap interval (percentile, ``confidence``) of the accuracy difference,
-  resampling items with their per-round outcomes in both arms (scipy.stats.bootstrap, paired).
+  resampling items, each with its mean outcome over the rounds in both arms.
 - ``ttest_p``: the paired t-test of the per-round accuracies (the seed's test; None for one round or
   identical rounds). Reported, not used to decide: three rounds are three numbers.
 - ``mde``: minimum detectable effect of the McNemar test at ``alpha`` with 80% power for this item count,
@@ -25,6 +25,8 @@ The statistics (A is the baseline, B the treatment; accuracy = mean over items a
 - ``winner``: B's name when B is better by at least ``improvement_threshold`` and ``mcnemar_p <
   alpha``; A's name when A is better by as much and significantly; else None (no winner). An A/A test
   (identical arms) has no discordant pair, so McNemar's p is 1 and there is never a winner.
+
+McNemar, the bootstrap and the t-test are eval/stats.py's, shared by every method.
 
 Written to ``<output_dir>/<name>/`` (the loop convention, lightning_lab/loops.py: config.yaml,
 _run_tracker/, ``--resume true``): ``results.jsonl`` (a header, then one line per arm, round and item: the

@@ -138,7 +138,8 @@ class ThoughtInjector:
         return self._trace(state, visible, thoughts, finish, stop)
 
     def _step(self, state: DecodeState, params: SamplingParams):
-        """One sampled token under `params` (the answer's or the thought's settings) on the same state."""
+        """One sampled token under `params` (the answer's or the thought's settings) on the same state. The
+        sampler's `step` reads ``state.params``; it takes no per-call parameters yet (issue 21, item 3)."""
         state.params = params
         return self.sampler.step(state)
 
