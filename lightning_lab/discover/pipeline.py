@@ -21,7 +21,8 @@ F  figures (``figs/*.png``) and the results registry (``results.md``, ``results.
 A step is complete when its outputs exist (a run: its heartbeat says ``completed``); complete steps are skipped
 with a line saying so, so ``--resume`` continues at the first unfinished step, and an unfinished run continues
 where it stopped (a loop with ``--resume true``, a stage with ``--ckpt_path last``). A step that pauses (Ctrl+C)
-stops the pipeline with exit status 3. The wall-clock of every phase is printed and kept in ``pipeline.json``.
+stops the pipeline with exit status 3. The wall-clock of every phase is printed; ``pipeline.json`` keeps each
+phase's total over all invocations (a skipped step adds ~0).
 Scales are ``configs/pipeline/<scale>.yaml`` (the size of every step); ``--config FILE`` uses another file.
 """
 
@@ -219,6 +220,7 @@ class Pipeline:
             self.stage_step(self.root / "sdft" / arm, [
                 "sdft", "fit", "--config", self.config.sdft_config, "--model.model", str(self.checkpoint),
                 "--data.path", str(demos), "--model.objective", arm, "--model.gate_bin", str(self.data("val.bin")),
+                "--data.val_split", "null",  # every demonstration trains; phase E evaluates on the held-out tasks
                 *self.config.sdft_args])
 
     def phase_e(self) -> None:
@@ -253,7 +255,8 @@ class Pipeline:
                 print(f"phase {phase}: paused in {paused}; continue with --resume")
                 return EXIT_PAUSED
             seconds = time.perf_counter() - started
-            record["phases"][phase] = {"seconds": round(seconds, 1), "finished": time.time()}
+            spent = record["phases"].get(phase, {}).get("seconds", 0.0)  # a resumed phase adds to its earlier time
+            record["phases"][phase] = {"seconds": round(spent + seconds, 1), "finished": time.time()}
             write_json_atomic(record_path, record)
             print(f"phase {phase}: done in {seconds:.1f} s", flush=True)
         return 0
