@@ -31,6 +31,10 @@ class DataError(UserError, ValueError):
     """A data, config or model file is missing, unreadable or malformed; the message names the file (and line)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A flag or config value of the wrong kind or out of range; the message names the key."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors (a missing flag, a bad choice, a value of the wrong type) are UserErrors,
     so `lab` prints them as its one line rather than argparse's usage block."""

@@ -200,6 +200,8 @@ CASES = [
     ("sft validate", lora_stage("sft/tiny.yaml", "--ckpt_path last"), ["checkpoints/last.ckpt"]),
     ("rl fit", lora_stage("rl/tiny.yaml", "--data.path {w}/latin1.jsonl"), ["latin1.jsonl:2", "not UTF-8"]),
     ("rl fit", lora_stage("rl/tiny.yaml", "--model.group_size many"), ["--model.group_size", "many"]),
+    ("rl fit", lora_stage("rl/tiny.yaml", "--model.reward builtin:nope"), ["model.reward", "nope"]),
+    ("rl fit", lora_stage("rl/tiny.yaml", "--model.group_size 1"), ["model.group_size=1"]),
     ("rl fit", lora_stage("rl/tiny.yaml", "--ckpt_path {w}/poisoned_run/checkpoints/last.ckpt"), ["refused"]),
     # export
     ("export", "--ckpt {w}/missing.ckpt --out {w}/out", ["--ckpt", "missing.ckpt", "no such file"]),

@@ -53,6 +53,7 @@ from torchmetrics import MeanMetric
 from lightning_lab.data.io import JsonlWriter, read_yaml_or_json, write_json_atomic
 from lightning_lab.data.packed import PackedDataModule
 from lightning_lab.data.tokenizer import load_tokenizer
+from lightning_lab.errors import ConfigError
 from lightning_lab.loops import engine_info
 from lightning_lab.models.gpt import LabGPTConfig, LabGPTForCausalLM
 from lightning_lab.models.loading import LoadedModel
@@ -68,14 +69,14 @@ def build_model_config(model_config: str | dict, tokenizer) -> LabGPTConfig:
     fields = read_yaml_or_json(model_config) if isinstance(model_config, str) else dict(model_config)
     vocab_size = len(tokenizer)
     if fields.get("vocab_size", vocab_size) != vocab_size:
-        raise ValueError(f"{source}: vocab_size={fields['vocab_size']} but the tokenizer has {vocab_size} tokens; "
+        raise ConfigError(f"{source}: vocab_size={fields['vocab_size']} but the tokenizer has {vocab_size} tokens; "
                          f"remove vocab_size (it is taken from the tokenizer) or use the matching tokenizer")
     fields.update(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
     try:
         return LabGPTConfig(**fields)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{source}: {error}") from error
+        raise ConfigError(f"{source}: {error}") from error
 
 
 class PretrainModule(L.LightningModule):
@@ -117,7 +118,7 @@ class PretrainModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         data_tokenizer = getattr(datamodule, "tokenizer_path", None)
         if data_tokenizer is not None and Path(data_tokenizer).resolve() != Path(self.hparams.tokenizer).resolve():
-            raise ValueError(f"model.tokenizer={self.hparams.tokenizer} but data.tokenizer={data_tokenizer}: "
+            raise ConfigError(f"model.tokenizer={self.hparams.tokenizer} but data.tokenizer={data_tokenizer}: "
                              f"the model must use the tokenizer the data was packed with")
         if self.trainer.is_global_zero:
             run_dir = Path(self.trainer.default_root_dir)
@@ -195,7 +196,7 @@ class PretrainModule(L.LightningModule):
             lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
         max_steps = self.hparams.max_steps or self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
-            raise ValueError("the cosine schedule needs a length: set trainer.max_steps or model.max_steps")
+            raise ConfigError("the cosine schedule needs a length: set trainer.max_steps or model.max_steps")
         schedule = cosine_schedule(optimizer, self.hparams.warmup_steps, max_steps, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -78,6 +78,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from lightning_lab.data.benchmarks import Sample
+from lightning_lab.errors import ConfigError
 from lightning_lab.eval import metrics
 from lightning_lab.models.lora import LoraSettings
 from lightning_lab.models.scoring import score
@@ -110,15 +111,15 @@ def load_reward(spec: str) -> Reward:
     if spec.startswith("builtin:"):
         name = spec.removeprefix("builtin:")
         if name not in BUILTIN_REWARDS:
-            raise ValueError(f"model.reward={spec!r}: unknown builtin {name!r}; {usage}")
+            raise ConfigError(f"model.reward={spec!r}: unknown builtin {name!r}; {usage}")
         return partial(builtin_reward, BUILTIN_REWARDS[name])
     module_name, _, function_name = spec.rpartition(":")
     if not module_name or not function_name:
-        raise ValueError(f"model.reward={spec!r}: {usage}")
+        raise ConfigError(f"model.reward={spec!r}: {usage}")
     if module_name.endswith(".py"):
         path = Path(module_name)
         if not path.is_file():
-            raise ValueError(f"model.reward={spec!r}: no such file {path}")
+            raise ConfigError(f"model.reward={spec!r}: no such file {path}")
         module_spec = importlib.util.spec_from_file_location(f"lab_reward_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_spec.name] = module  # so the function (and anything it defines) can be pickled
@@ -127,11 +128,11 @@ def load_reward(spec: str) -> Reward:
         try:
             module = importlib.import_module(module_name)
         except ImportError as error:
-            raise ValueError(f"model.reward={spec!r}: cannot import {module_name!r} ({error}); "
+            raise ConfigError(f"model.reward={spec!r}: cannot import {module_name!r} ({error}); "
                              f"a path to the .py file also works") from error
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise ValueError(f"model.reward={spec!r}: {module_name} has no function {function_name!r}")
+        raise ConfigError(f"model.reward={spec!r}: {module_name} has no function {function_name!r}")
     return function
 
 
@@ -205,9 +206,9 @@ class RLModule(LoraModule):
         super().__init__(model, lora, learning_rate, weight_decay, warmup_steps, min_lr_ratio, dtype, adapter_name,
                          adapter, predict)
         if group_size < 2:
-            raise ValueError(f"model.group_size={group_size}: group-relative advantages need at least 2 samples")
+            raise ConfigError(f"model.group_size={group_size}: group-relative advantages need at least 2 samples")
         if temperature <= 0:
-            raise ValueError(f"model.temperature={temperature}: rollouts must sample (temperature > 0)")
+            raise ConfigError(f"model.temperature={temperature}: rollouts must sample (temperature > 0)")
         self.reward_function = load_reward(reward)  # a bad spec fails here, before the model is loaded
         self.automatic_optimization = False
         self.val_reward = MeanMetric()
