@@ -87,6 +87,7 @@ def test_parse_curation_json_list_and_lines():
     ("Watch out for the trick in this kind of question, it is subtle.", IOT, False),
     ("The correct answer is 10800 for this one.", FINANCE, False),  # a verdict on one reply, not a rule
     ("The model's answer is wrong about the revenue.", FINANCE, False),
+    ('The answer to the question "What is the mean of the readings?" is "24"', IOT, False),  # seen from SmolLM2
 ])
 def test_generic_lessons_are_filtered(lesson, item, specific):
     assert is_specific(lesson, item) is specific

@@ -58,7 +58,7 @@ DOMAIN_TERMS = {
 }
 WORD = re.compile(r"[a-z][a-z0-9\-]+")
 # "The correct answer is 10800.", "The model's answer is wrong.": a verdict on one reply, not a rule
-VERDICT = re.compile(r"\banswer\s+(?:is|was|should\s+be)\b|\bthe\s+model\b", re.IGNORECASE)
+VERDICT = re.compile(r"\banswer\s+(?:to\s+[^.]*?\s+)?(?:is|was|should\s+be)\b|\bthe\s+model\b", re.IGNORECASE)
 
 
 # ---- lenient JSON -------------------------------------------------------------------------------
