@@ -17,7 +17,8 @@ from lightning_lab.errors import EXIT_USER_ERROR, UserError
 
 # name -> ("module:function", one-line help). Only commands that exist are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("lightning_lab.demo:main", "a short CPU tour: best-of-N with SmolLM2, pretraining the lab GPT"),
+    "demo": ("lightning_lab.demo:main", "a 15-minute CPU tour of the five methods, then `lab report` over it"),
+    "report": ("lightning_lab.reports.report:main", "report.md + self-contained report.html over any runs directory"),
     "status": ("lightning_lab.callbacks.status:status_main", "one row per run: step/total, rate, ETA, status, heartbeat age"),
     "artifacts": ("lightning_lab.callbacks.status:artifacts_main", "required vs present artifacts per run"),
     "data": ("lightning_lab.data.cli:main", "corpus | tokenizer | pack: build pretraining data"),
