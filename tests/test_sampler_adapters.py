@@ -124,3 +124,34 @@ def test_the_decoder_runs_on_cpu_only(tiny_llama_dir):
     model = load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32").model
     assert unsupported_reason(model) is None
     assert "CPU only, not meta" in unsupported_reason(model.to("meta"))
+
+
+@pytest.mark.slow
+def test_smollm2_with_lora_decodes_on_the_decoder_as_peft_generates(gsm8k_path):
+    """The real model in fp32 with a rank-8 LoRA on every projection: the decoder's greedy tokens (one row, and
+    four branches of a fork) equal peft's generate."""
+    import json
+
+    loaded = load_causal_lm("smollm2-135m", device="cpu", dtype="fp32")
+    peft_model = add_lora(loaded.model, LoraSettings(rank=8)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.02)
+    wrapped = LoadedModel(peft_model, loaded.tokenizer, loaded.spec, loaded.device, loaded.dtype)
+    sampler = Sampler(wrapped)
+    assert sampler.engine_info()["engine"] == "decoder" and sampler.engine_info()["adapter"]
+    question = json.loads(gsm8k_path.open().readline())["question"]
+    prompt_ids = sampler.encode(question)
+    expected = hf_greedy(wrapped, [prompt_ids], 24)[0]
+    with peft_model.disable_adapter():
+        assert hf_greedy(wrapped, [prompt_ids], 24)[0] != expected  # the adapter changes the answer
+    out = sampler.generate(question, greedy=True, max_new_tokens=24)
+    assert out.prompts[0].completions[0].token_ids == expected
+    state = sampler.start(question, greedy=True)
+    sampler.step(state)
+    branches = sampler.fork(state, 4)
+    for _ in range(len(expected) - 1):
+        sampler.step(branches)
+    assert [row.token_ids for row in branches.rows] == [expected] * 4

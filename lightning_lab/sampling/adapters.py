@@ -62,6 +62,7 @@ def unsupported_linear_reason(module: torch.nn.Module) -> str | None:
 
 
 def linear_bias(module: torch.nn.Module) -> torch.Tensor | None:
+    """The bias `module` adds (a LoRA layer's is its base layer's)."""
     return module.get_base_layer().bias if _is_peft_layer(module) else module.bias
 
 
