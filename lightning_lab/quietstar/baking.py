@@ -256,13 +256,11 @@ class QuietStarModule(LoraModule):
         marker), sampled through the sampler at the thoughts' temperature."""
         settings = self.thought_sampling
         loaded = LoadedModel(self.model, self.tokenizer, self.hparams.model, self.device, self.dtype)
-        was_training = self.model.training
         # transformers' forward, no prepacked weights: the weights change at every step
         sampler = Sampler(loaded, pack_weights=False, llama_decoder=False, cpu_kernels=False)
         seed = int(torch.randint(0, 2**31 - 1, ()))  # from torch's RNG, which ExactResume saves and restores
         generation = sampler.generate(contexts, n=settings.per_position, max_new_tokens=settings.length,
                                       temperature=settings.temperature, ignore_eos=True, seed=seed)
-        self.model.train(was_training)  # the sampler puts the model in eval mode
         return [[completion.token_ids for completion in result.completions] for result in generation.prompts]
 
     def losses(self, samples: list[Sample], grad: bool) -> dict[str, torch.Tensor]:

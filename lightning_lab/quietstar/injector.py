@@ -138,10 +138,9 @@ class ThoughtInjector:
         return self._trace(state, visible, thoughts, finish, stop)
 
     def _step(self, state: DecodeState, params: SamplingParams):
-        """One sampled token under `params` (the answer's or the thought's settings) on the same state. The
-        sampler's `step` reads ``state.params``; it takes no per-call parameters yet (issue 21, item 3)."""
-        state.params = params
-        return self.sampler.step(state)
+        """One sampled token under `params` (the answer's or the thought's settings) on the same state."""
+        return self.sampler.step(state, greedy=params.greedy, temperature=params.temperature, top_p=params.top_p,
+                                 top_k=params.top_k)
 
     def _think(self, state: DecodeState, position: int, injected: bool) -> Thought:
         """Sample one thought after a start marker already in `state`; close it with the end marker."""

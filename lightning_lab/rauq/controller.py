@@ -272,8 +272,8 @@ class RAUQController:
 
     def _step(self, state: DecodeState, params: SamplingParams) -> StepOutput:
         """One token under `params` on the same state (greedy answer, sampled thought)."""
-        state.params = params  # until the sampler's step takes per-call parameters (issue 21)
-        return self.sampler.step(state)
+        return self.sampler.step(state, greedy=params.greedy, temperature=params.temperature, top_p=params.top_p,
+                                 top_k=params.top_k)
 
     def _rollback_count(self, tokens: list[_Token], segment_start: int) -> int:
         """How many tokens a trigger rolls back: never into a thought or the prompt."""
