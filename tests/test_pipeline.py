@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from lightning_lab.cli import main as lab
 
 TINY = """
@@ -40,9 +42,7 @@ def test_a_complete_phase_is_skipped_and_an_incomplete_one_redone(tmp_path, caps
     assert "$ lab data pack" in redo and "--output " + str(data / "val.bin") in redo and redo.count("$ lab") == 1
     assert (data / "val.bin.json").is_file()
     assert (data / "train.bin").stat().st_mtime_ns == stamps[data / "train.bin"]
-    import json
-
-    assert json.loads((root / "pipeline.json").read_text())["phases"]["A"]["seconds"] > 0
+    assert json.loads((root / "pipeline.json").read_text())["phases"]["A"]["seconds"] >= 0
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):

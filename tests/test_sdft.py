@@ -193,3 +193,18 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_lab_gpt_d
                          for name in ("straight", "paused"))
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_sdft_steps_on_smollm2(tmp_path, demos):
+    """Two SDFT steps on the real model: its samples, the teacher's context and the vocabulary-wide KL."""
+    args = ["sdft", "fit"] + stage(tmp_path, "smollm2-135m", demos, "--run.name", "smollm2", "--trainer.max_steps", "2",
+                                   "--model.samples_per_prompt", "1", "--model.max_new_tokens", "6",
+                                   "--model.learning_rate", "1e-4", "--data.batch_size", "2",
+                                   "--data.val_split", "null")[1:]
+    assert lab(args) == 0
+    run = tmp_path / "sdft" / "smollm2"
+    kls = [json.loads(line)["train_reverse_kl"] for line in (run / "metrics.jsonl").read_text().splitlines()
+           if "train_reverse_kl" in line]
+    assert len(kls) == 2 and all(kl > 0 for kl in kls)  # the teacher sees the demonstration: the distributions differ
+    assert json.loads((run / "sdft_eval_report.json").read_text())["steps"] == 2
