@@ -282,6 +282,8 @@ CASES = [
     ("quietstar fit", "--model.model {model} --data.train_path {w}/pairs.jsonl --trainer.accelerator mps "
                       "--run.root {w}/runs", ["--trainer.accelerator mps"]),
     # demo
+    ("report", "--root {w}/no_such_runs", ["--root", "no_such_runs"]),
+    ("report", "--root {w}/latin1.jsonl", ["--root", "latin1.jsonl"]),
     ("demo", "--pretrain-steps 0", ["--pretrain-steps", "0"]),
     ("demo", "--pretrain-steps lots", ["--pretrain-steps", "lots"]),
 ]
