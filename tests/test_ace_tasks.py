@@ -60,6 +60,7 @@ def test_a_split_of_a_task_file_is_refused(tmp_path):
     ("Answer: vitamin D", "vitamin C", False),
     ("anomaly\nbecause T3 spikes", "anomaly", True),
     ("**Answer:** T3", "T3", True),
+    ('Reasoning: ...\nAnswer: The answer is "spike"', "spike", True),
 ])
 def test_scoring(output, gold, correct):
     assert score_answer(extract_answer(output, gold), gold) is correct

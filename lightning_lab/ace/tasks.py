@@ -113,7 +113,7 @@ def extract_answer(output: str, gold: str) -> str:
     if markers:
         rest = output[markers[-1].end():].strip()
         answer = rest.splitlines()[0].strip() if rest else ""
-        answer = ANSWER_IS.sub("", answer, count=1) if re.match(r"the\s+answer\s+is\b", answer, re.I) else answer
+        answer = re.sub(r"^(?:the\s+)?answer\s+is\b\s*:?", "", answer, count=1, flags=re.IGNORECASE)
     elif parse_number(gold) is not None:
         answer = extract_gsm8k_answer(output) or ""
     else:
