@@ -281,11 +281,11 @@ CASES = [
     ("quietstar fit", "--config {w}/bad.yaml", ["bad.yaml:3", "malformed YAML"]),
     ("quietstar fit", "--model.model {model} --data.train_path {w}/pairs.jsonl --trainer.accelerator mps "
                       "--run.root {w}/runs", ["--trainer.accelerator mps"]),
-    # demo
+    # demo, report
     ("report", "--root {w}/no_such_runs", ["--root", "no_such_runs"]),
     ("report", "--root {w}/latin1.jsonl", ["--root", "latin1.jsonl"]),
-    ("demo", "--pretrain-steps 0", ["--pretrain-steps", "0"]),
-    ("demo", "--pretrain-steps lots", ["--pretrain-steps", "lots"]),
+    ("demo", "--only nothing --out {w}/demo", ["--only", "nothing"]),
+    ("demo", "--out {w}/demo --gsm8k {w}/missing.jsonl", ["--gsm8k", "missing.jsonl"]),
 ]
 
 
