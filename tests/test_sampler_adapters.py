@@ -25,6 +25,17 @@ def reference(loaded: LoadedModel, model, max_new_tokens: int = 10) -> list[list
                          max_new_tokens)
 
 
+def with_random_lora(model, rank: int, spread: float, seed: int):
+    """`model` with a LoRA adapter whose B matrices are drawn with `spread` (peft starts them at zero, a no-op)."""
+    peft_model = add_lora(model, LoraSettings(rank=rank))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, spread)
+    return peft_model
+
+
 def modes(model) -> list[bool]:
     return [module.training for module in model.modules()]
 
@@ -39,12 +50,7 @@ def test_adapters_added_and_trained_after_the_sampler_was_built_are_decoded_and_
     assert before == reference(loaded, loaded.model)
     assert sampler.engine_info()["adapter"] is False
 
-    peft_model = add_lora(loaded.model, LoraSettings(rank=2))  # after the sampler was built
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.5)
+    peft_model = with_random_lora(loaded.model, rank=2, spread=0.5, seed=1)  # after the sampler was built
     training = modes(peft_model)
     adapted = greedy_ids(sampler)
     assert modes(peft_model) == training and peft_model.base_model.model.model.layers[0].self_attn.q_proj.training
@@ -81,12 +87,7 @@ def test_lora_decodes_through_the_decoder_as_peft_generates(tiny_llama_dir):
     """fp32, LoRA on every projection and rank 4: greedy tokens equal peft's generate, sampling equals the
     decoder on transformers' forward for the same seed, and no step runs peft's layers."""
     loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32"))
-    peft_model = add_lora(loaded.model, LoraSettings(rank=4)).eval()
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.3)
+    peft_model = with_random_lora(loaded.model, rank=4, spread=0.3, seed=2).eval()
     wrapped = LoadedModel(peft_model, loaded.tokenizer, loaded.spec, loaded.device, loaded.dtype)
     sampler = Sampler(wrapped)
     assert sampler.engine_info()["engine"] == "decoder"
@@ -133,12 +134,7 @@ def test_smollm2_with_lora_decodes_on_the_decoder_as_peft_generates(gsm8k_path):
     import json
 
     loaded = load_causal_lm("smollm2-135m", device="cpu", dtype="fp32")
-    peft_model = add_lora(loaded.model, LoraSettings(rank=8)).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.02)
+    peft_model = with_random_lora(loaded.model, rank=8, spread=0.02, seed=0).eval()
     wrapped = LoadedModel(peft_model, loaded.tokenizer, loaded.spec, loaded.device, loaded.dtype)
     sampler = Sampler(wrapped)
     assert sampler.engine_info()["engine"] == "decoder" and sampler.engine_info()["adapter"]
