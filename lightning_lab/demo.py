@@ -65,13 +65,14 @@ def demo_steps(out: Path, model: str, gsm8k: str | None) -> list[Step]:
                     bon / "demo" / "summary.json"),
             Command(f"bon predict --runs {bon / 'demo'} --out {bon / 'demo' / 'predictor.json'} --feature_samples 4 "
                     "--n_splits 2 --extrapolate_k [16,32]", bon / "demo" / "predictor.json")]),
-        Step("rauq", f"RAUQ-CoT: attention heads, a threshold, then the controller on a few problems ({model})", [
+        # A fixed theta: `lab rauq fit-threshold` on 16 of these problems gave 1.94 once (AUROC 0.57) and refused
+        # the next time (every greedy answer wrong), and 1.9 never fired on 4 problems; 1.0 fires on each, so the
+        # trace shows rollbacks. Fit theta on real calibration data (--gsm8k) for experiments.
+        Step("rauq", f"RAUQ-CoT: attention heads, then the controller on a few problems ({model})", [
             Command(f"rauq select-heads --model {model} {rauq_data} --num_examples 8 --output {rauq / 'heads.json'}",
                     rauq / "heads.json"),
-            Command(f"rauq fit-threshold --model {model} {rauq_data} --num_examples 8 --heads {rauq / 'heads.json'} "
-                    f"--max_new_tokens 64 --alpha 0.2 --output {rauq / 'theta.json'}", rauq / "theta.json"),
             Command(f"rauq evaluate --model {model} {rauq_eval} --limit 4 --heads {rauq / 'heads.json'} "
-                    f"--theta_file {rauq / 'theta.json'} --alpha 0.2 --max_new_tokens 96 --output_dir {rauq} "
+                    f"--threshold_type fixed --theta 1.0 --max_new_tokens 128 --output_dir {rauq} "
                     "--name demo --resume true", rauq / "demo" / "summary.json")]),
         Step("ace", f"ACE: baseline vs an evolving playbook on the tiny IoT task ({model})", [
             Command(f"ace run --model_id {model} --task_name iot_tiny --limit 6 --mode {mode} --max_new_tokens 64 "
