@@ -80,7 +80,7 @@ def demo_steps(out: Path, model: str, gsm8k: str | None) -> list[Step]:
                     ace / mode / "_run_tracker" / "heartbeat.json") for mode in ("baseline", "ace")]),
         Step("quietstar", f"Quiet-STaR: A/B of sampling with and without injected thoughts ({model})", [
             Command(f"ab --a configs/quietstar/ab_baseline.yaml --b configs/quietstar/ab_thoughts.yaml "
-                    f"--dataset {prompts} --samples 4 --rounds 2 --bootstrap_resamples 1000 --output_dir {ab} "
+                    f"--dataset {prompts} --samples 2 --rounds 2 --bootstrap_resamples 1000 --output_dir {ab} "
                     "--name demo --resume true", ab / "demo" / "ab_results.json")]),
     ]
 
