@@ -158,14 +158,6 @@ def check_device(device: str, dtype: str) -> None:
         raise UserError(f"device: {device!r}: no such device")
 
 
-def check_input_file(key: str, path) -> Path:
-    """An existing regular file, else a UserError naming the key: ``<key>: <path>: no such file``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{key}: {path}: " + ("is a directory, not a file" if path.is_dir() else "no such file"))
-    return path
-
-
 # ---- parsing ----------------------------------------------------------------------------------------
 
 

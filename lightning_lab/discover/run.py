@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_lab.discover.tasks import DiscoveryTask, read_tasks, verify
-from lightning_lab.errors import UserError
-from lightning_lab.loops import (LoopConfig, LoopRun, check_choice, check_count, check_input_file, check_number,
+from lightning_lab.discover.tasks import DiscoveryTask, extract_answer, read_tasks, verify
+from lightning_lab.errors import UserError, check_input_file
+from lightning_lab.loops import (LoopConfig, LoopRun, check_choice, check_count, check_number,
                                  check_sampling, engine_info)
 
 MODES = ("bestofn", "ttt")
@@ -110,7 +110,7 @@ class DiscoverConfig(LoopConfig):
         super().__post_init__()
         if not self.tasks:
             raise UserError("tasks: a discovery task file is required (--tasks FILE)")
-        check_input_file("tasks", self.tasks)
+        check_input_file(self.tasks, "tasks:")
         check_choice("mode", self.mode, MODES)
         check_choice("objective", self.objective, OBJECTIVES)
         for key in ("steps", "rollouts", "groups", "max_new_tokens", "lora_rank", "max_children"):
@@ -181,7 +181,7 @@ def sample_rollouts(sampler, task: DiscoveryTask, rows: list[list[int]], prefixe
             exact, reward = verify(text, task.answer)
             if completion.finish_reason in ("eos", "stop"):
                 ids = ids[:-1]  # the token that ended the answer is not part of it
-            group.append(Rollout(ids, text.split("\n", 1)[0].strip(), exact, reward, len(completion.token_ids),
+            group.append(Rollout(ids, extract_answer(text), exact, reward, len(completion.token_ids),
                                  completion.token_ids))
             tokens += len(completion.token_ids)
         groups.append(group)

@@ -56,9 +56,9 @@ from torchmetrics import MeanMetric
 
 from lightning_lab.data.benchmarks import Sample
 from lightning_lab.data.io import DataError, read_jsonl, write_json_atomic
-from lightning_lab.errors import UserError, check_new_output_file
+from lightning_lab.errors import UserError, check_input_file, check_new_output_file
 from lightning_lab.eval.retention import read_windows, window_nll
-from lightning_lab.loops import check_count, check_input_file, check_number
+from lightning_lab.loops import check_count, check_number
 from lightning_lab.models.lora import LoraSettings
 from lightning_lab.models.scoring import score
 from lightning_lab.sampling.prompts import encode_prompt
@@ -87,7 +87,7 @@ class BuildSdftConfig:
         for key in ("suite_root", "tasks", "out"):
             if not getattr(self, key):
                 raise UserError(f"{key}: required (--{key} ...)")
-        check_input_file("tasks", self.tasks)
+        check_input_file(self.tasks, "tasks:")
         if not Path(self.suite_root).is_dir():
             raise UserError(f"suite_root: {self.suite_root}: no such directory")
         check_number("min_reward", self.min_reward, 0.0, 1.0)
@@ -206,7 +206,7 @@ class SDFTModule(LoraModule):
             raise UserError(f"model.teacher_template={teacher_template!r}: must contain {{prompt}} and {{completion}}")
         for key, path in (("replay_bin", replay_bin), ("gate_bin", gate_bin)):
             if path is not None:
-                check_input_file(f"model.{key}", path)
+                check_input_file(path, f"model.{key}:")
         for key, value in (("samples_per_prompt", samples_per_prompt), ("max_new_tokens", max_new_tokens),
                            ("gate_every", gate_every), ("seq_len", seq_len), ("gate_windows", gate_windows),
                            ("replay_windows", replay_windows)):

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_lab.errors import UserError, check_new_output_file
-from lightning_lab.loops import check_count, check_device, check_input_file, check_number, parse_loop
+from lightning_lab.errors import UserError, check_input_file, check_new_output_file
+from lightning_lab.loops import check_count, check_device, check_number, parse_loop
 
 
 @dataclass
@@ -66,7 +66,7 @@ class RetentionConfig:
         for key in ("base", "updated", "val_bin", "out"):
             if not getattr(self, key):
                 raise UserError(f"{key}: required (--{key} ...)")
-        check_input_file("val_bin", self.val_bin)
+        check_input_file(self.val_bin, "val_bin:")
         for key in ("base", "updated"):
             path = Path(getattr(self, key))
             if path.is_dir() and (path / "adapter_config.json").is_file():

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_lab.errors import UserError
-from lightning_lab.loops import check_choice, check_count, check_device, check_input_file, check_number
+from lightning_lab.errors import UserError, check_input_file
+from lightning_lab.loops import check_choice, check_count, check_device, check_number
 from lightning_lab.rauq.controller import TRIGGERS, signal_trace
 from lightning_lab.rauq.scoring import CONVENTIONS, default_alpha
 
@@ -103,12 +103,12 @@ class ScoreConfig(ModelOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_input_file("input", self.input)
+        check_input_file(self.input, "input:")
         check_output("output", self.output)
         check_choice("convention", self.convention, CONVENTIONS)
         check_count("batch_size", self.batch_size)
         if self.heads is not None:
-            check_input_file("heads", self.heads)
+            check_input_file(self.heads, "heads:")
 
 
 def run_score(config: ScoreConfig) -> int:
@@ -156,7 +156,7 @@ class SelectHeadsConfig(ModelOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_input_file("calibration", self.calibration)
+        check_input_file(self.calibration, "calibration:")
         check_output("output", self.output)
         check_count("num_examples", self.num_examples)
         check_choice("split", self.split, FILE_SPLITS)
@@ -223,8 +223,8 @@ class FitThresholdConfig(ModelOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_input_file("calibration", self.calibration)
-        check_input_file("heads", self.heads)
+        check_input_file(self.calibration, "calibration:")
+        check_input_file(self.heads, "heads:")
         check_output("output", self.output)
         for key in ("num_examples", "max_samples", "max_new_tokens", "batch_size"):
             check_count(key, getattr(self, key))

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_lab.data.benchmarks import SPLITS
-from lightning_lab.errors import UserError
-from lightning_lab.loops import LoopConfig, LoopRun, check_choice, check_count, check_input_file, engine_info
+from lightning_lab.errors import UserError, check_input_file
+from lightning_lab.loops import LoopConfig, LoopRun, check_choice, check_count, engine_info
 from lightning_lab.rauq.calibrate import ModelOptions, check_output, labeller
 from lightning_lab.rauq.controller import REPAIRS, ROLLBACK_MODES, TRIGGERS, COT_POLICIES, ControllerConfig
 
@@ -59,12 +59,12 @@ class ControllerOptions(ControllerConfig, ModelOptions):
         ControllerConfig.__post_init__(self)
         check_choice("threshold_type", self.threshold_type, THRESHOLD_TYPES)
         if self.heads is not None:
-            check_input_file("heads", self.heads)
+            check_input_file(self.heads, "heads:")
         if self.threshold_type == "learned":
             if not self.theta_file:
                 raise UserError("theta_file: required with --threshold_type learned (or pass --threshold_type fixed "
                                 "--theta VALUE)")
-            check_input_file("theta_file", self.theta_file)
+            check_input_file(self.theta_file, "theta_file:")
         elif self.theta is None or math.isnan(self.theta):
             raise UserError("theta: a number is required with --threshold_type fixed")
 
@@ -303,7 +303,7 @@ class AblateConfig(EvaluateConfig):
             if "learned" in self.threshold_types:
                 if trigger not in self.theta_files:
                     raise UserError(f"theta_files: no theta file for trigger {trigger!r} (threshold type learned)")
-                check_input_file(f"theta_files.{trigger}", self.theta_files[trigger])
+                check_input_file(self.theta_files[trigger], f"theta_files.{trigger}:")
             if "fixed" in self.threshold_types and trigger not in self.fixed_thetas:
                 raise UserError(f"fixed_thetas: no theta for trigger {trigger!r} (threshold type fixed)")
 
