@@ -334,11 +334,10 @@ class PackedDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Batches of (id, prompt) from the `prompts` file."""
-        if self.prompts is None or not Path(self.prompts).is_file():
-            raise DataError(f"data.prompts={self.prompts}: predict needs a text file of prompts, one per line")
-        path = Path(self.prompts)
-        lines = [(f"{path.stem}-{number}", line)
-                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()]
+        if self.prompts is None:
+            raise DataError("data.prompts=None: predict needs a text file of prompts, one per line")
+        path = check_input_file(self.prompts, "data.prompts")
+        lines = [(f"{path.stem}-{number}", line) for number, line in read_lines(path) if line.strip()]
         return DataLoader(lines, batch_size=self.batch_size, collate_fn=list)  # batches: lists of (id, prompt)
 
     def _order_settings(self) -> dict:
