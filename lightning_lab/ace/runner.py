@@ -508,15 +508,22 @@ def describe(name: str, summary: dict, playbook: Playbook | None = None) -> str:
 def open_roles(config: AceConfig) -> Roles:
     from lightning_lab.sampling.sampler import Sampler
 
-    generator = Sampler(load_model(config.model_id, config.device, config.dtype))
+    models = {}  # each model id loaded once, shared by every role that names it
+
+    def model(model_id: str):
+        if model_id not in models:
+            models[model_id] = load_model(model_id, config.device, config.dtype)
+        return models[model_id]
+
+    generator = Sampler(model(config.model_id))
     reflector = generator
     if config.reflector_model not in (None, config.model_id):
-        reflector = Sampler(load_model(config.reflector_model, config.device, config.dtype))
+        reflector = Sampler(model(config.reflector_model))
     for sampler in {id(generator): generator, id(reflector): reflector}.values():
         sampler.generate("Hello", max_new_tokens=2, greedy=True)  # one-time costs (kernel load) stay out of latency
     embed = None
     if config.embedding_model is not None:
-        embed = HiddenStateEmbedder(load_model(config.embedding_model, config.device, config.dtype))
+        embed = HiddenStateEmbedder(model(config.embedding_model))
     return Roles(generator, reflector, config, embed)
 
 
