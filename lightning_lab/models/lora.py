@@ -133,8 +133,11 @@ def load_adapter(adapter_dir: str | Path, base: str | None = None, device: str |
     """
     from peft import PeftModel
 
-    check_adapter_dir(adapter_dir)
-    loaded = load_causal_lm(base or adapter_base_spec(adapter_dir), device=device, dtype=dtype)
+    if not base:
+        base = adapter_base_spec(adapter_dir)  # checks the adapter directory as it reads it
+    else:
+        check_adapter_dir(adapter_dir)
+    loaded = load_causal_lm(base, device=device, dtype=dtype)
     model = PeftModel.from_pretrained(loaded.model, str(adapter_dir)).eval()
     return LoadedModel(model, loaded.tokenizer, loaded.spec, loaded.device, loaded.dtype)
 
