@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 
 import pytest
 import torch
@@ -194,6 +195,45 @@ def test_samples_that_finish_apart_read_the_shared_prompt_right(tiny, monkeypatc
     for result in out.prompts:
         for completion in result.completions:
             assert distance_from_fp32(tiny.model, result.prompt_token_ids, completion) < 1e-4
+
+
+# ---- a prefix shared by the prompts of a batch ----------------------------------------------------
+
+HEAD = "Natalia sold clips to 48 of her friends in April. The answer is 72. "  # 20+ tokens every prompt begins with
+SHARED = [HEAD + "What is 2 + 3?", HEAD + "The answer", HEAD + "user assistant system question answer is 5."]
+
+
+def test_a_shared_prefix_is_prefilled_once_and_decodes_as_without(tiny, sampler):
+    """fp32 greedy with ragged suffixes: the prefix on one row, the suffixes right-aligned after it (padding in
+    between), the same tokens and log-probs as prefilling every prompt whole."""
+    with count_model_inputs(tiny.model) as shapes:
+        out = sampler.generate(SHARED, greedy=True, max_new_tokens=12, chat=False, logprobs=True)
+    prompt_ids = [result.prompt_token_ids for result in out.prompts]
+    shared = len(os.path.commonprefix(prompt_ids))  # the head's tokens (the prompts have one more in common)
+    assert shared >= 16 and len({len(ids) for ids in prompt_ids}) == 3
+    assert shapes[:2] == [(1, shared), (3, max(map(len, prompt_ids)) - shared)]
+    whole = sampler.generate(SHARED, greedy=True, max_new_tokens=12, chat=False, logprobs=True, prefix_cache=False)
+    mine, reference = [c for c, in out.completions], [c for c, in whole.completions]
+    assert [c.token_ids for c in mine] == [c.token_ids for c in reference]
+    assert [c.text for c in mine] == [c.text for c in reference] and len({c.text for c in mine}) == 3
+    for ours, theirs in zip(mine, reference):
+        assert torch.allclose(torch.tensor(ours.logprobs), torch.tensor(theirs.logprobs), atol=1e-5)
+    assert [c.token_ids for c in mine] == hf_greedy(tiny, prompt_ids, 12)
+
+
+def test_a_shared_prefix_keeps_signals_attention_and_samples(tiny, sampler):
+    """n samples per prompt after a shared prefix: the same draws as without it, and signals and attention rows
+    (padding removed) equal a full pass."""
+    settings = dict(n=2, max_new_tokens=8, temperature=1.0, seed=3, chat=False, logprobs=True, entropy=True,
+                    margin=True, capture_heads=HEADS, capture_rows=True)
+    out = sampler.generate(SHARED, **settings)
+    whole = sampler.generate(SHARED, prefix_cache=False, **settings)
+    assert [[c.token_ids for c in row] for row in out.completions] == \
+        [[c.token_ids for c in row] for row in whole.completions]
+    for result in out.prompts:
+        for c in result.completions:
+            check_against_full_pass(tiny.model, result.prompt_token_ids, c.token_ids, c.logprobs, c.entropies,
+                                    c.margins, c.attention, c.attention_rows)
 
 
 # ---- stop strings and finish reasons -------------------------------------------------------------
@@ -720,6 +760,26 @@ def test_smollm2_greedy_equals_generate(gsm8k_path):
         drafted = sampler.generate(questions, greedy=True, max_new_tokens=32, prompt_lookup=5)
     assert [result.completions[0].token_ids for result in drafted.prompts] == expected
     assert len(shapes) - 2 < drafted.timing.new_tokens  # drafts accepted: fewer decode passes than tokens
+
+
+@pytest.mark.slow
+def test_smollm2_shared_prefix_decodes_as_without(gsm8k_path):
+    """ACE's shape of batch: the chat template's head and a playbook, then different questions (ragged); fp32
+    greedy gives the same tokens with the prefix prefilled once as with every prompt prefilled whole."""
+    loaded = load_causal_lm("smollm2-135m", device="cpu", dtype="fp32")
+    with gsm8k_path.open() as lines:
+        questions = [json.loads(next(lines))["question"] for _ in range(4)]
+    playbook = ("Playbook of lessons:\n[str-00001] helpful=2 harmful=0 :: Percent change is (new - old) / old * 100.\n"
+                "[str-00002] helpful=1 harmful=0 :: Read the unit line and answer in the unit the question names.")
+    prompts = [f"{playbook}\n\nQuestion: {question}" for question in questions]
+    sampler = Sampler(loaded)
+    with count_model_inputs(loaded.model) as shapes:
+        out = sampler.generate(prompts, greedy=True, max_new_tokens=24, logprobs=True)
+    assert shapes[0][0] == 1 and shapes[0][1] > 40 and shapes[1][0] == 4  # the head and playbook once
+    whole = sampler.generate(prompts, greedy=True, max_new_tokens=24, logprobs=True, prefix_cache=False)
+    assert [c[0].token_ids for c in out.completions] == [c[0].token_ids for c in whole.completions]
+    for (mine,), (reference,) in zip(out.completions, whole.completions):
+        assert torch.allclose(torch.tensor(mine.logprobs), torch.tensor(reference.logprobs), atol=1e-3)
 
 
 @needs_bf16_screen

@@ -14,6 +14,13 @@ Batch decoding (`generate`)
 - Up to ``batch_size`` prompts share each forward pass, left-padded, with position ids counted from each
   prompt's first real token. The n samples of a prompt share one prefill: the prompt's KV cache is
   computed once and its rows repeated n times.
+- Prompts that begin with the same tokens (a chat template's head, the ACE playbook before different questions)
+  share their prefill (``prefix_cache``, on by default): the batch's longest common token prefix, when it has
+  `MIN_SHARED_PREFIX` tokens or more (each prompt keeps at least one of its own), is computed once on one row and
+  its cache rows repeated; the rest of each prompt follows it right-aligned, the padding in between masked out and
+  positions counted over real tokens, so every row attends to what it would alone. fp32 greedy decoding gives the
+  tokens of whole-prompt prefills (the logits differ in the last bits: attention sums over other key layouts).
+  Decode steps on the CPU kernels then read the prefix's keys once for all rows (`KVCache.shared_prefix`).
 - The KV cache is preallocated (``kv_cache.py``: one buffer per layer, written in place, cropped by moving a
   length) instead of growing by concatenation, which would copy the whole cache at every step.
   Rows that finished (EOS / stop string / length) are dropped from the batch and the cache once a
@@ -117,7 +124,8 @@ activation, one-token attention and products (one- or two-row passes; fp32 batch
 when it builds (``cpu_kernels``), and so does the sampling's top-k; with ``cpu_kernels=False`` both engines give
 the same bf16 logits bit for bit, with the kernels they differ by bf16 rounding.
 
-Speed (``bench/sampler.py`` measures it against ``transformers.generate``): shared prefill; the preallocated
+Speed (``bench/sampler.py`` measures it against ``transformers.generate``): shared prefill (of a prompt's n samples
+and of a batch's common prefix); the preallocated
 cache; the written-out forward; a 4D decode mask that keeps SDPA on its fast grouped-query path
 (`Sampler._decode_mask`); oneDNN-prepacked linear weights on CPU (``weight_packing.py``, ``pack_weights``); CPU
 kernels for one-token attention (the n samples of a prompt read its keys once, `KVCache.shared_prefix`),
@@ -167,6 +175,7 @@ CAPTURE_ATTENTION = "lab_capture"  # attention implementation name registered be
 INCOMPLETE = "\ufffd"  # what decoding shows for the bytes of a character that is not complete yet
 LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, then 1
 MASK_4D_IMPLEMENTATIONS = {"sdpa", "eager", CAPTURE_ATTENTION}  # take an additive (batch, 1, queries, keys) mask
+MIN_SHARED_PREFIX = 16  # a batch's common first tokens are prefilled once (`shared_prefix_length`) from this many
 
 
 
@@ -697,13 +706,14 @@ class Sampler:
                  entropy: bool = False, margin: bool = False,
                  capture_heads: Sequence[tuple[int, int]] | None = None, capture_rows: bool = False,
                  ignore_eos: bool = False, chat: bool | None = None, batch_size: int | None = None,
-                 progress: bool = False, prompt_lookup: int = 0) -> Generation:
+                 progress: bool = False, prompt_lookup: int = 0, prefix_cache: bool = True) -> Generation:
         """Sample `n` completions for each prompt. A single prompt (text or one message list) is accepted too.
 
         ``batch_size``: prompts per forward pass (default ``max(1, 64 // n)``); each pass decodes
         ``batch_size * n`` sequences. ``seed=None`` draws a fresh seed. ``prompt_lookup``: for greedy decoding
         with n=1, check up to this many drafted tokens per forward pass (module docstring); prompts then
-        decode one at a time.
+        decode one at a time. ``prefix_cache``: prefill the first tokens that all prompts of a batch share once
+        (module docstring); False prefills every prompt whole.
         """
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (dict, numbers.Integral))):
             prompts = [prompts]
@@ -739,7 +749,7 @@ class Sampler:
                     batch = [([completion], timing)]
                 else:
                     batch = self._generate_batch(encoded[start:start + batch_size], n, max_new_tokens, params, stop,
-                                                 ignore_eos, signals, capture, generator)
+                                                 ignore_eos, signals, capture, generator, prefix_cache)
                 for offset, (completions, timing) in enumerate(batch):
                     results.append(PromptResult(prompts[start + offset], encoded[start + offset], completions, timing))
                     total.new_tokens += timing.new_tokens
@@ -780,24 +790,31 @@ class Sampler:
 
     def _generate_batch(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, params: SamplingParams,
                         stop: list[str], ignore_eos: bool, signals: dict | None, capture: AttentionCapture | None,
-                        generator: torch.Generator) -> list[tuple[list[Completion], Timing]]:
+                        generator: torch.Generator, prefix_cache: bool = True) -> list[tuple[list[Completion], Timing]]:
         started = time.perf_counter()
         prompt_len = max(len(ids) for ids in prompt_ids)
         padding = [prompt_len - len(ids) for ids in prompt_ids]
-        input_ids = torch.tensor([[self.pad_id] * pad + ids for pad, ids in zip(padding, prompt_ids)], device=self.device)
+        # the first `shared` tokens of every prompt are the same: prefilled once, on one row, whose cache rows are
+        # then repeated; each row's padding sits after them (none without a shared prefix: left padding)
+        shared = self._shared_prefix(prompt_ids) if prefix_cache else 0
+        input_ids = torch.tensor([ids[:shared] + [self.pad_id] * pad + ids[shared:]
+                                  for pad, ids in zip(padding, prompt_ids)], device=self.device)
         capacity = prompt_len + max_new_tokens + 1
         # the 2D padding mask of every position a row can reach (generated positions are always real)
         mask = torch.ones(len(prompt_ids), capacity, dtype=torch.bool, device=self.device)
         for row, pad in enumerate(padding):
-            mask[row, :pad] = False
+            mask[row, shared:shared + pad] = False
         has_padding = any(padding)
-        positions = (mask[:, :prompt_len].long().cumsum(-1) - 1).clamp(min=0)
+        positions = (mask[:, :prompt_len].long().cumsum(-1) - 1).clamp(min=0)  # counted over real tokens
 
         cache = new_cache(self.model.config, capacity)
         if capture is not None:
             capture.enabled = False  # prompt rows are not needed
-        logits = self._run(input_ids, cache, positions, mask[:, :prompt_len] if has_padding else None,
-                           capture=capture)[:, -1]
+        if shared:
+            self._run(input_ids[:1, :shared], cache, positions[:1, :shared], None)
+            cache.batch_repeat_interleave(len(prompt_ids))
+        logits = self._run(input_ids[:, shared:], cache, positions[:, shared:],
+                           mask[:, :prompt_len] if has_padding else None, capture=capture)[:, -1]
         if capture is not None:
             capture.enabled = True
         if n > 1:  # one prefill, n samples: repeat the prompt's cache rows
@@ -840,9 +857,9 @@ class Sampler:
                     row = rows[live[index]]
                     if len(row.attention) < len(row.token_ids):  # finished rows stay until compacted
                         row.attention.append(values)
-                        if attention_rows is not None:
-                            start = padding[live[index] // n]
-                            row.attention_rows.append(attention_rows[index, :, 0, start:cache_length].tolist())
+                        if attention_rows is not None:  # the row's own positions, without padding
+                            real = mask[live[index], :cache_length]
+                            row.attention_rows.append(attention_rows[index, :, 0, :cache_length][:, real].tolist())
             if all_finished:
                 break
             finished_here = [index for index, row in enumerate(live) if rows[row].finish is not None]
@@ -862,6 +879,21 @@ class Sampler:
             timing = Timing(prefill_s, decode_s, len(ids), sum(len(c.token_ids) for c in completions), len(prompt_ids))
             results.append((completions, timing))
         return results
+
+    def _shared_prefix(self, prompt_ids: list[list[int]]) -> int:
+        """How many first tokens a batch prefills once for all its prompts: the tokens every prompt begins with
+        (each keeps at least one of its own, whose logits it needs), when there are `MIN_SHARED_PREFIX` or more
+        of them and several prompts; else 0. Only on the preallocated cache (full attention): a sliding window
+        would count the padding after the prefix as positions."""
+        if len(prompt_ids) < 2 or full_attention_layers(self.model.config) is None:
+            return 0
+        length = 0
+        for column in zip(*prompt_ids):
+            if any(token != column[0] for token in column):
+                break
+            length += 1
+        length = min(length, min(map(len, prompt_ids)) - 1)
+        return length if length >= MIN_SHARED_PREFIX else 0
 
     def _finish_reason(self, generated: list[int], stop: list[str], ignore_eos: bool,
                        max_new_tokens: int | None = None) -> tuple[str | None, str | None]:
