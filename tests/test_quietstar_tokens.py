@@ -48,6 +48,20 @@ def test_tokenizer_with_thought_tokens_at_other_ids_is_refused(tiny_llama_dir):
         add_thought_tokens(loaded.model, foreign)
 
 
+def test_markers_reserved_by_the_lab_tokenizer_start_as_new_rows_on_a_lab_gpt(tiny_lab_gpt_dir):
+    loaded = load_causal_lm(tiny_lab_gpt_dir, device="cpu", dtype="fp32")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    tokenizer.add_tokens([START_THOUGHT, END_THOUGHT], special_tokens=True)  # as data/tokenizer.py reserves them
+    model.resize_token_embeddings(len(tokenizer))  # pretrained with them: rows its corpus never reached
+    dash = tokenizer("---", add_special_tokens=False)["input_ids"]
+    thoughts = add_thought_tokens(model, tokenizer)
+    assert model.config.thought_token_ids == {START_THOUGHT: thoughts.start_id, END_THOUGHT: thoughts.end_id}
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)  # nothing added
+    expected = model.get_input_embeddings().weight[dash].mean(dim=0)
+    assert torch.equal(model.get_input_embeddings().weight[thoughts.start_id], expected)
+    assert add_thought_tokens(model, tokenizer) == thoughts  # recorded now: found, unchanged
+
+
 def test_bad_marker_strings_are_refused(tiny_llama_dir):
     loaded = load_causal_lm(tiny_llama_dir, device="cpu", dtype="fp32")
     with pytest.raises(UserError, match="two different"):

@@ -7,7 +7,7 @@ import torch
 
 from lightning_lab.models.loading import load_causal_lm
 from lightning_lab.models.lora import LoraSettings, add_lora
-from lightning_lab.models.scoring import score
+from lightning_lab.models.scoring import score, score_branches
 
 PROMPTS = [[5, 17, 42], [7, 8, 9, 10, 11, 12], [99]]
 COMPLETIONS = [[3, 4, 5, 6], [1], [20, 21, 22, 23, 24, 25, 26]]
@@ -55,6 +55,30 @@ def test_logprobs_are_the_models_own_and_a_ragged_batch_scores_as_rows_alone(fix
                                    rtol=1e-5, atol=1e-5)
     assert batch.mean_nll() == pytest.approx(float(-batch.logprobs.sum() / 12))
     torch.testing.assert_close(batch.sequence_logprobs(), batch.logprobs.sum(dim=1))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_lab_gpt_dir"])
+def test_branches_off_the_cache_score_as_the_prefix_read_afresh(fixture, request):
+    model = load_causal_lm(str(request.getfixturevalue(fixture)), device="cpu", dtype="fp32").model
+    texts = [PROMPTS[1] + COMPLETIONS[0], PROMPTS[0] + COMPLETIONS[2]]  # ragged: the shorter one is right-padded
+    read = score(model, [ids[:1] for ids in texts], [ids[1:] for ids in texts], keep_cache=True)
+    rows, positions = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 9, 2, 5, 9])
+    tokens = torch.tensor([[30, 31, 32], [33, 34, 35], [36, 37, 38], [39, 40, 41], [42, 43, 44]])
+    logits, hidden, cache = score_branches(model, read, rows, positions, tokens, hidden=True)
+    assert logits.shape[:2] == hidden.shape[:2] == (5, 3)
+    # decoding: the branches' cache continues them, one token a pass, as reading them at once does
+    first, _, cache = score_branches(model, read, rows, positions, tokens[:, :1])
+    for t in range(1, 3):
+        step, _, cache = score_branches(model, read, rows, positions, tokens[:, t:t + 1], cache=cache)
+        torch.testing.assert_close(step[:, 0], logits[:, t], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(first[:, 0], logits[:, 0], rtol=1e-4, atol=1e-4)
+    for branch, (row, j) in enumerate(zip(rows.tolist(), positions.tolist())):
+        # afresh: the text up to token j, then the branch's tokens (and one more, which nothing here reads)
+        alone = score(model, [texts[row][:j + 1]], [tokens[branch].tolist() + [0]], logits=True, hidden=True)
+        torch.testing.assert_close(logits[branch], alone.logits[0, 1:], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hidden[branch], alone.hidden[0, 1:], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="keep_cache=True"):
+        score_branches(model, score(model, texts[:1], [[1]]), rows, positions, tokens)
 
 
 def test_temperature_and_entropy(llama):

@@ -49,6 +49,12 @@ Outputs (`Scores`; tensors of shape (rows, C, ...), index j = the j-th completio
   attention (``output_attentions=True``; the model's attention implementation is switched to "eager"
   for the call and restored), which forms every head's map: fine for scoring, costly for long sequences.
 
+Branches. ``score(..., keep_cache=True)`` also returns the KV cache of the pass (``Scores.cache``);
+`score_branches` then reads many short continuations that branch off those rows at chosen positions, all in
+one batched pass over the cache (row r continues text ``texts[r]`` right after its token ``positions[r]``,
+seeing none of that text's later tokens): Quiet-STaR's thoughts after every token of a text, without
+reading the text once per position.
+
 Gradients: ``grad=False`` (default) runs under ``torch.no_grad()``; ``grad=True`` under
 ``torch.enable_grad()``, so losses built from the outputs backpropagate into the model (not inside
 ``torch.inference_mode``, where Lightning runs validation).
@@ -57,10 +63,12 @@ Gradients: ``grad=False`` (default) runs under ``torch.no_grad()``; ``grad=True`
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 Heads = Sequence[tuple[int, int]] | str | None
 TokenRows = Sequence[Sequence[int]] | torch.Tensor
@@ -80,6 +88,7 @@ class Scores:
     attention: torch.Tensor | None = None  # (rows, heads, C) fp32: a_{i,i-1}
     attention_rows: torch.Tensor | None = None  # (rows, heads, C, L) fp32
     heads: list[tuple[int, int]] | None = None  # the (layer, head) of each attention entry
+    cache: object | None = None  # keep_cache=True: the pass's KV cache (transformers `Cache`), for score_branches
 
     def sequence_logprobs(self) -> torch.Tensor:
         """(rows,) log-probability of each whole completion (the sum over its tokens)."""
@@ -96,7 +105,7 @@ class Scores:
 
 def score(model: torch.nn.Module, prompt_ids: TokenRows, completion_ids: TokenRows, *, temperature: float = 1.0,
           entropy: bool = False, logits: bool = False, hidden: bool = False, heads: Heads = None,
-          attention_rows: bool = False, adapter: bool = True, grad: bool = False) -> Scores:
+          attention_rows: bool = False, adapter: bool = True, grad: bool = False, keep_cache: bool = False) -> Scores:
     """Teacher-forced log-probabilities of `completion_ids` after `prompt_ids` (see the module docstring)."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: scoring needs a distribution (temperature > 0)")
@@ -113,7 +122,7 @@ def score(model: torch.nn.Module, prompt_ids: TokenRows, completion_ids: TokenRo
     eager = eager_attention(model) if want_attention else contextlib.nullcontext()
     with adapter_off, gradients, eager:
         output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False, logits_to_keep=width + 1,
+                       position_ids=batch["position_ids"], use_cache=keep_cache, logits_to_keep=width + 1,
                        output_hidden_states=hidden, output_attentions=want_attention)
         raw = output.logits[:, -(width + 1):-1].float()  # column P-1+j predicts completion token j
         tempered = raw / temperature if temperature != 1.0 else raw
@@ -122,7 +131,7 @@ def score(model: torch.nn.Module, prompt_ids: TokenRows, completion_ids: TokenRo
         log_normaliser = tempered.logsumexp(dim=-1)
         logprobs = (tempered.gather(-1, targets[..., None]).squeeze(-1) - log_normaliser) * mask
         scores = Scores(logprobs=logprobs, mask=mask, prompt_lengths=batch["prompt_lengths"],
-                        completion_lengths=batch["completion_lengths"])
+                        completion_lengths=batch["completion_lengths"], cache=output.cache if keep_cache else None)
         if entropy:
             probabilities = torch.softmax(tempered, dim=-1)
             scores.entropy = (log_normaliser - (probabilities * tempered).sum(dim=-1)) * mask
@@ -136,6 +145,47 @@ def score(model: torch.nn.Module, prompt_ids: TokenRows, completion_ids: TokenRo
             scores.attention, rows = attention_of(output.attentions, pairs, batch, attention_rows)
             scores.attention_rows = rows
     return scores
+
+
+def score_branches(model: torch.nn.Module, scores: Scores, texts: torch.Tensor, positions: torch.Tensor,
+                   tokens: torch.Tensor, *, hidden: bool = False, grad: bool = False, cache: DynamicCache | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, DynamicCache]:
+    """Teacher-forced logits of continuations that branch off rows a `score(..., keep_cache=True)` call read.
+
+    Row r of ``tokens`` (rows, T) continues row ``texts[r]`` of that call's batch right after its column
+    ``positions[r]`` (a column of the batch: prompt width - prompt length + token index; with one-token,
+    unpadded prompts the token index itself): it sees the cached keys up to that column and none after, its
+    own tokens causally, at position ids ``positions[r] + 1 ...``. One pass for every branch, through an
+    explicit 4D mask (models whose attention takes one: eager and SDPA, the lab GPT and transformers'
+    models). Returns fp32 logits (rows, T, vocab), column t predicting the token after ``tokens[:, t]``; with
+    ``hidden`` the last hidden states (rows, T, hidden_size); and the branches' cache, which a next call
+    given it as ``cache`` (same texts and positions) continues from, reading only its new tokens (decoding).
+    With ``grad`` the gradient flows into the model through these tokens and the cached keys of the texts.
+    """
+    if scores.cache is None:
+        raise ValueError("score_branches: the scores hold no cache; score(..., keep_cache=True) first")
+    device = next(model.parameters()).device
+    texts, positions, tokens = texts.to(device), positions.to(device), tokens.to(device)
+    rows, count = tokens.shape
+    text_width = scores.cache.get_seq_length()
+    if cache is None:  # each branch gets its own copy of its text's keys and values; the scores' stay as they were
+        cache = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, texts), layer.values.index_select(0, texts))
+                                             for layer in scores.cache.layers])
+    read = cache.get_seq_length() - text_width  # branch tokens already in the cache
+    visible = torch.cat([torch.arange(text_width, device=device)[None] <= positions[:, None],
+                         torch.ones(rows, read + count, dtype=torch.bool, device=device)], dim=1)
+    width = text_width + read + count
+    causal = torch.ones(count, width, dtype=torch.bool, device=device).tril(text_width + read)
+    dtype = scores.cache.layers[0].keys.dtype
+    mask = torch.zeros(rows, 1, count, width, dtype=dtype, device=device)
+    mask.masked_fill_(~(visible[:, None, None, :] & causal), torch.finfo(dtype).min)
+    position_ids = positions[:, None] + 1 + read + torch.arange(count, device=device)
+    forward_arguments = inspect.signature(pretrained_model(model).forward).parameters
+    argument = "cache" if "cache" in forward_arguments else "past_key_values"  # the name before transformers 5.24
+    with torch.enable_grad() if grad else torch.no_grad():
+        output = model(input_ids=tokens, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                       output_hidden_states=hidden, **{argument: cache})
+    return output.logits.float(), output.hidden_states[-1] if hidden else None, cache
 
 
 def padded_batch(prompt_ids: TokenRows, completion_ids: TokenRows, device: torch.device) -> dict:

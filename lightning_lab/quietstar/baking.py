@@ -12,14 +12,20 @@ JSONL of ``prompt`` / ``completion`` pairs whose completions hold their thoughts
 tokens and markers included, so the baked model starts its own thoughts without an injector.
 
 ``quietstar`` (Zelikman et al. 2024, arXiv 2403.09629), on plain text (a .txt file of one document per
-line, or any source `load_benchmark` reads: prompt and solution joined). For each training text:
+line, or any source `load_benchmark` reads: prompt and solution joined). For a batch of texts:
 
-1. one teacher-forced pass gives the base next-token logits and last hidden states at every position;
-2. at ``thoughts.positions`` random positions j, ``thoughts.per_position`` thoughts are sampled through
-   the sampler (``<|startofthought|>`` + ``thoughts.length`` tokens at ``thoughts.temperature`` +
-   ``<|endofthought|>``), each continuing the text up to token j;
-3. a second pass reads text[:j+1] + thought + the next ``thoughts.lookahead`` true tokens, giving the
-   post-thought logits and hidden states for those true tokens;
+1. one teacher-forced pass gives the base next-token logits, last hidden states and the KV cache at every
+   position;
+2. after every token j that has ``thoughts.lookahead`` true tokens after it (``thoughts.positions: all``,
+   the paper's setting and the default), or at that many random such positions per text (a number: the
+   cheaper sampled option), ``thoughts.per_position`` thoughts are sampled: ``<|startofthought|>`` +
+   ``thoughts.length`` tokens at ``thoughts.temperature`` + ``<|endofthought|>``, each continuing the text
+   up to token j. Every thought of the batch is one row of one batched decode that branches off the cached
+   text (`models.scoring.score_branches`: the text's keys up to j, an explicit attention mask), so no text
+   is read again per position: ``length`` forward passes of one token per thought;
+3. one teacher-forced pass, branching off the cache the same way, reads thought + end marker + the next
+   ``thoughts.lookahead`` true tokens for every thought at once, giving the thought tokens' log-probs and
+   the post-thought logits and hidden states for those true tokens;
 4. the mixing head, a small MLP on [base hidden; post-thought hidden], gives a weight w and the mixed
    logits base + w (post - base). Its last layer starts at zero, so at step 0 w = 0 and the mixed output is
    the base model's exactly;
@@ -30,10 +36,11 @@ line, or any source `load_benchmark` reads: prompt and solution joined). For eac
 6. loss = ``base_loss_weight`` * base LM loss + (1 - ``base_loss_weight``) * mixed LM loss on the
    lookahead tokens + ``policy_weight`` * REINFORCE loss.
 
-The thoughts are few and short and the positions sampled, not every token as in the paper: the lab runs
-on a CPU with a tiny GPT or SmolLM2-135M. Logged per step: ``train_loss``, ``base_nll``, ``mixed_nll``,
-``policy_loss``, ``reward``, ``mixing_weight``, and ``thought_gain`` (mean over lookahead tokens of
-log p_mixed - log p_base: positive when thoughts raise the next-token likelihood); validation logs the
+The thoughts are few and short (the paper: 16 thoughts of 12 tokens, here a few of a few): the lab runs on a
+CPU with a tiny GPT or SmolLM2-135M. A batch holds texts x positions x ``per_position`` thought rows, so in
+every-token mode keep ``data.batch_size`` and ``max_length`` small. Logged per step: ``train_loss``,
+``base_nll``, ``mixed_nll``, ``policy_loss``, ``reward``, ``mixing_weight``, and ``thought_gain`` (mean over
+lookahead tokens of log p_mixed - log p_base: positive when thoughts raise the next-token likelihood); validation logs the
 same with ``val_`` (the held-out answer to "do thoughts help on held-out text?").
 
 Both objectives: ``model.lora`` set -> a LoRA adapter (the marker embeddings stay as initialised), None ->
@@ -60,13 +67,13 @@ from lightning_lab.callbacks.pause import GracefulPause
 from lightning_lab.data.benchmarks import Sample, load_benchmark
 from lightning_lab.data.io import DataError, JsonlWriter
 from lightning_lab.errors import UserError
-from lightning_lab.models.loading import LoadedModel, load_causal_lm, save_model_dir
+from lightning_lab.models.loading import load_causal_lm, save_model_dir
 from lightning_lab.models.lora import LoraSettings, add_lora
-from lightning_lab.models.scoring import pretrained_model, score
+from lightning_lab.models.scoring import Scores, pretrained_model, score, score_branches
 from lightning_lab.quietstar.injector import InjectorConfig, ThoughtInjector
 from lightning_lab.quietstar.tokens import END_THOUGHT, START_THOUGHT, add_thought_tokens
 from lightning_lab.sampling.prompts import encode_prompt
-from lightning_lab.sampling.sampler import Sampler
+from lightning_lab.sampling.sampler import SamplingParams, choose_tokens
 from lightning_lab.training.common import (LoraModule, PredictSettings, SampleBatches, predictions_path,
                                            run_stage_cli)
 from lightning_lab.training.sft import completion_text
@@ -81,7 +88,8 @@ class ThoughtSampling:
     """The quietstar objective's thoughts (module docstring, steps 2-6).
 
     Args:
-        positions: thought positions sampled per training text per step.
+        positions: "all": a thought after every token that has ``lookahead`` true tokens after it (the paper);
+            a number: that many such positions sampled per text per step.
         per_position: thoughts per position; the reward's baseline is their mean (at least 2).
         length: tokens per thought, between the markers.
         lookahead: true tokens after the thought whose log-likelihood is the reward.
@@ -91,7 +99,7 @@ class ThoughtSampling:
         positive_advantages_only: drop negative advantages (as the reference code does).
     """
 
-    positions: int = 4
+    positions: int | str = "all"
     per_position: int = 2
     length: int = 4
     lookahead: int = 4
@@ -101,8 +109,11 @@ class ThoughtSampling:
     positive_advantages_only: bool = True
 
     def __post_init__(self):
-        if self.positions < 1 or self.per_position < 2 or self.length < 1 or self.lookahead < 1:
-            raise UserError(f"model.thoughts: positions={self.positions} >= 1, per_position={self.per_position} >= 2 "
+        if self.positions != "all" and (isinstance(self.positions, bool) or not isinstance(self.positions, int)
+                                        or self.positions < 1):
+            raise UserError(f"model.thoughts.positions: {self.positions!r} must be 'all' or a number >= 1")
+        if self.per_position < 2 or self.length < 1 or self.lookahead < 1:
+            raise UserError(f"model.thoughts: per_position={self.per_position} >= 2 "
                             f"(the baseline is their mean), length={self.length} >= 1, lookahead={self.lookahead} >= 1")
         if self.temperature <= 0 or not 0 <= self.base_loss_weight <= 1:
             raise UserError(f"model.thoughts: temperature={self.temperature} must be > 0, "
@@ -123,6 +134,18 @@ def mix(head: torch.nn.Module, base_logits: torch.Tensor, post_logits: torch.Ten
     """Mixed logits base + w (post - base), w from the head; and w. At w = 0 they are the base logits exactly."""
     weight = head(torch.cat([base_hidden, post_hidden], dim=-1).to(head[0].weight.dtype)).float()
     return base_logits + weight * (post_logits - base_logits), weight.squeeze(-1)
+
+
+def thought_places(lengths: list[int], settings: ThoughtSampling) -> list[tuple[int, int]]:
+    """(text, j) pairs: a thought after token j of text number `text`, for every j with ``settings.lookahead``
+    true tokens after it (``positions`` "all"), or for that many of them drawn at random per text."""
+    places = []
+    for text, length in enumerate(lengths):
+        eligible = torch.arange(max(0, length - settings.lookahead))
+        if settings.positions != "all":
+            eligible = eligible[torch.randperm(len(eligible))[:settings.positions]]
+        places += [(text, int(j)) for j in eligible]
+    return places
 
 
 # ---- the LightningModule ------------------------------------------------------------------------
@@ -202,34 +225,32 @@ class QuietStarModule(LoraModule):
         if not rows:
             raise DataError(f"samples {[s.id for s in samples]}: every text is shorter than "
                             f"thoughts.lookahead + 2 = {settings.lookahead + 2} tokens")
-        # 1. base pass: completion index k predicts token k + 1 of the row
+        # 1. base pass: completion index k predicts token k + 1 of the row; one-token prompts, so no left padding
+        # and cache column k holds token k (what score_branches' positions index)
         base = score(self.model, [ids[:1] for ids in rows], [ids[1:] for ids in rows], logits=True, hidden=True,
-                     grad=grad)
-        # 2. positions j (a thought after token j; true tokens j+1 .. j+lookahead) and sampled thoughts
-        places = [(row, int(j)) for row, ids in enumerate(rows)
-                  for j in torch.randperm(len(ids) - settings.lookahead)[:settings.positions]]
+                     keep_cache=True, grad=grad)
+        # 2. thought rows: per_position rows for each place (text, j); j + 1 .. j + lookahead are the true tokens
+        places = thought_places([len(ids) for ids in rows], settings)
+        device, length, ahead = base.logits.device, settings.length, settings.lookahead
+        texts = torch.tensor([row for row, _ in places], device=device).repeat_interleave(settings.per_position)
+        positions = torch.tensor([j for _, j in places], device=device).repeat_interleave(settings.per_position)
         start, end = self.thought_tokens.start_id, self.thought_tokens.end_id
-        thoughts = self.sample_thoughts([rows[row][:j + 1] + [start] for row, j in places])
-        # 3. post-thought pass over text[:j+1] + thought + true lookahead tokens
-        prompts, completions, base_index = [], [], []
-        for (row, j), sampled in zip(places, thoughts):
-            for thought in sampled:
-                prompts.append(rows[row][:j + 1])
-                completions.append([start] + thought + [end] + rows[row][j + 1:j + 1 + settings.lookahead])
-                base_index.append((row, j))
-        post = score(self.model, prompts, completions, logits=True, hidden=True, grad=grad)
-        length, ahead = settings.length, settings.lookahead
-        targets = torch.tensor([c[length + 2:] for c in completions], device=post.logits.device)
-        thought_ids = torch.tensor([c[1:length + 1] for c in completions], device=post.logits.device)
-        thought_logp = torch.log_softmax(post.logits[:, 1:length + 1] / settings.temperature, dim=-1)
-        thought_logp = thought_logp.gather(-1, thought_ids[..., None]).squeeze(-1).sum(dim=1)
+        thoughts = self.sample_thoughts(base, texts, positions)
+        # 3. post-thought pass: start + thought + end + the true tokens but the last (nothing after it is read)
+        window = positions[:, None] + 1 + torch.arange(ahead, device=device)  # the true tokens' indices
+        padded = torch.nn.utils.rnn.pad_sequence([torch.tensor(ids, device=device) for ids in rows], batch_first=True)
+        targets = padded[texts[:, None], window]
+        markers = torch.tensor([start, end], device=device).expand(len(texts), 2)
+        tokens = torch.cat([markers[:, :1], thoughts, markers[:, 1:], targets[:, :-1]], dim=1)
+        post_logits, post_hidden, _ = score_branches(self.model, base, texts, positions, tokens, hidden=True, grad=grad)
+        thought_logp = torch.log_softmax(post_logits[:, :length] / settings.temperature, dim=-1)
+        thought_logp = thought_logp.gather(-1, thoughts[..., None]).squeeze(-1).sum(dim=1)
         # 4. mix the base and post-thought predictions of the same true tokens
-        base_logits = torch.stack([base.logits[row, j:j + ahead] for row, j in base_index])
-        base_hidden = torch.stack([base.hidden[row, j:j + ahead] for row, j in base_index])
-        base_logp = torch.stack([base.logprobs[row, j:j + ahead] for row, j in base_index])
-        mixed, weight = mix(self.mixing_head, base_logits, post.logits[:, length + 2:],
-                            base_hidden, post.hidden[:, length + 2:])
+        base_logits, base_hidden = base.logits[texts[:, None], window - 1], base.hidden[texts[:, None], window - 1]
+        mixed, weight = mix(self.mixing_head, base_logits, post_logits[:, length + 1:], base_hidden,
+                            post_hidden[:, length + 1:])
         mixed_logp = torch.log_softmax(mixed, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        base_logp = torch.log_softmax(base_logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
         # 5. reward over the mean thought at the same position; REINFORCE on the thought tokens
         reward = mixed_logp.sum(dim=1).detach().view(len(places), settings.per_position)
         advantage = reward - reward.mean(dim=1, keepdim=True)
@@ -251,17 +272,18 @@ class QuietStarModule(LoraModule):
         return self.tokenizer(text)["input_ids"][:self.hparams.max_length]
 
     @torch.no_grad()
-    def sample_thoughts(self, contexts: list[list[int]]) -> list[list[list[int]]]:
-        """``per_position`` thoughts of exactly ``length`` tokens after each context (which ends with the start
-        marker), sampled through the sampler at the thoughts' temperature."""
+    def sample_thoughts(self, base: Scores, texts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(rows, length) thought tokens, row r after the start marker that follows token ``positions[r]`` of text
+        ``texts[r]``: one batched decode branching off the base pass's cache, at the thoughts' temperature, drawn
+        from torch's RNG (which ExactResume saves and restores)."""
         settings = self.thought_sampling
-        loaded = LoadedModel(self.model, self.tokenizer, self.hparams.model, self.device, self.dtype)
-        # transformers' forward, no prepacked weights: the weights change at every step
-        sampler = Sampler(loaded, pack_weights=False, llama_decoder=False, cpu_kernels=False)
-        seed = int(torch.randint(0, 2**31 - 1, ()))  # from torch's RNG, which ExactResume saves and restores
-        generation = sampler.generate(contexts, n=settings.per_position, max_new_tokens=settings.length,
-                                      temperature=settings.temperature, ignore_eos=True, seed=seed)
-        return [[completion.token_ids for completion in result.completions] for result in generation.prompts]
+        params = SamplingParams(temperature=settings.temperature)
+        tokens = [torch.full((len(texts),), self.thought_tokens.start_id, device=texts.device)]
+        cache = None
+        for _ in range(settings.length):
+            logits, _, cache = score_branches(self.model, base, texts, positions, tokens[-1][:, None], cache=cache)
+            tokens.append(choose_tokens(logits[:, -1], params, None))
+        return torch.stack(tokens[1:], dim=1)
 
     def losses(self, samples: list[Sample], grad: bool) -> dict[str, torch.Tensor]:
         if self.hparams.objective == "star":

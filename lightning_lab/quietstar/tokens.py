@@ -12,6 +12,9 @@ The ids are recorded in the model's config (``config.thought_token_ids``), so a 
 `save_pretrained` and loaded again keeps them: calling `add_thought_tokens` on it finds them and changes
 nothing. A tokenizer that has the strings already but at ids the model does not record (a tokenizer from
 another model, or one edited by hand) is refused: its thoughts would read rows the model never learned.
+One exception: the lab's own tokenizer reserves both markers when it is trained (data/tokenizer.py), so a
+lab GPT pretrained with it has rows for them that its corpus never reached; those rows are initialised as
+new ones would be and the ids recorded.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ def add_thought_tokens(model: torch.nn.Module, tokenizer, start: str = START_THO
         raise UserError(f"thought tokens: start {start!r} and end {end!r} must be two different non-empty strings")
     recorded = getattr(model.config, "thought_token_ids", None)
     present = {text: _single_id(tokenizer, text) for text in (start, end)}
+    init_ids = tokenizer(init_from, add_special_tokens=False)["input_ids"]
+    if not init_ids:
+        raise UserError(f"thought tokens: init_from={init_from!r} encodes to no tokens")
+    if recorded is None and model.config.model_type == "lab_gpt" and None not in present.values():
+        _check_embedding_rows(model, present)  # reserved by the lab tokenizer, never trained: start them as new rows
+        return _initialise(model, present, init_ids, start, end)
     if any(token_id is not None for token_id in present.values()):
         expected = recorded or {}
         if present != expected:
@@ -59,14 +68,17 @@ def add_thought_tokens(model: torch.nn.Module, tokenizer, start: str = START_THO
         _check_embedding_rows(model, present)
         return ThoughtTokens(start, end, present[start], present[end])
 
-    init_ids = tokenizer(init_from, add_special_tokens=False)["input_ids"]
-    if not init_ids:
-        raise UserError(f"thought tokens: init_from={init_from!r} encodes to no tokens")
     tokenizer.add_tokens([start, end], special_tokens=True)
     ids = {text: _single_id(tokenizer, text) for text in (start, end)}
     # mean_resizing=False: the rows written below replace the new rows anyway
     model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings),
                                   mean_resizing=False)
+    return _initialise(model, ids, init_ids, start, end)
+
+
+def _initialise(model: torch.nn.Module, ids: dict[str, int], init_ids: list[int], start: str,
+                end: str) -> ThoughtTokens:
+    """The markers' rows set to the mean embedding of `init_ids`, and their ids recorded in the model's config."""
     with torch.no_grad():
         for embeddings in _embedding_matrices(model):
             embeddings[list(ids.values())] = embeddings[init_ids].mean(dim=0)
