@@ -32,6 +32,8 @@ def test_the_registry_reads_every_number_from_the_artifacts_and_follows_the_clai
              "reward": metric(0.612, 0.534, 0.021, 0.135), "exact": metric(0.30, 0.27, -0.06, 0.12)},
             {"comparison": "ttt vs bestofn@samples", "family": "add", "items": 3,
              "reward": metric(0.7, 0.6, -0.1, 0.3), "exact": metric(0.3, 0.3, 0.0, 0.0)},
+            {"comparison": "ttt vs bestofn@flops", "family": "all", "items": 33, "short": 29, "samples": 153,
+             "reward": metric(0.612, 0.501, 0.05, 0.17), "exact": metric(0.30, 0.21, 0.01, 0.18)},
             {"comparison": "ttt-nokl vs ttt", "family": "all", "items": 33,
              "reward": metric(0.5, 0.612, -0.2, -0.03), "exact": metric(0.2, 0.3, -0.2, 0.01)}]
     write(root / "discover" / "heldout" / "compare.json", {"rows": rows})
@@ -46,6 +48,9 @@ def test_the_registry_reads_every_number_from_the_artifacts_and_follows_the_clai
     assert "ttt vs bestofn@samples (reward, 33 items): ttt is better" in text
     assert "ttt vs bestofn@samples (exact, 33 items): no winner between ttt and bestofn@samples" in text
     assert "ttt-nokl vs ttt (reward, 33 items): ttt is better" in text
+    # a FLOP-matched best-of-N that drew too few samples supports no claim, whatever its interval says
+    assert "ttt vs bestofn@flops: no claim (best-of-N ran short of samples on 29 of 33 items" in text
+    assert "--samples 153" in text and "bestofn@flops (reward" not in text and "bestofn@flops (exact" not in text
     assert "sdft retention: no forgetting beyond the gate's bound" in text
     assert "sft retention: no \"no forgetting\" claim" in text
     assert "mHC: no claim" in text

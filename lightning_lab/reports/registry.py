@@ -11,7 +11,8 @@ Read (paths under the root, as discover/pipeline.py writes them; a missing one i
 - ``retention/<arm>.json`` (`lab eval retention`) and ``sdft/<arm>/sdft_eval_report.json`` (the gate's bound).
 - ``pipeline.json``: wall-clock per phase.
 
-Claim safety (the seed's rules): a comparison whose paired interval spans zero names no winner; "no forgetting"
+Claim safety (the seed's rules): a comparison whose paired interval spans zero names no winner, nor does a
+FLOP-matched best-of-N arm that ran short of samples (``short`` in compare.json); "no forgetting"
 is claimed only when the whole retention interval of the perplexity ratio lies within the gate's bound
 (1 + max_rise); and no claim about mHC is made unless the artifacts hold an mHC-on and an mHC-off arm
 (``pretrain/pretrain`` and ``pretrain/pretrain_plain`` with ``model_config`` saying which).
@@ -92,6 +93,11 @@ def claims(found: dict) -> list[str]:
         if row["family"] != "all":
             continue
         name_a, name_b = row["comparison"].split(" vs ")
+        if row.get("short"):  # `discover compare`'s FLOP-matched arm drew fewer samples than TTT's FLOPs buy
+            lines.append(f"{row['comparison']}: no claim (best-of-N ran short of samples on {row['short']} of "
+                         f"{row['items']} items: it drew fewer than TTT's FLOPs buy, up to {row['samples']}; rerun "
+                         f"best-of-N with --samples {row['samples']})")
+            continue
         for metric in ("reward", "exact"):
             m = row[metric]
             lines.append(f"{row['comparison']} ({metric}, {row['items']} items): "
