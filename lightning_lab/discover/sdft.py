@@ -29,7 +29,8 @@ averaged over the student's sampled tokens. After each optimizer step the teache
 ``replay_bin`` mixes pretraining windows in: loss = (1 - replay_ratio) x objective + replay_ratio x their NLL.
 
 Retention gate (``gate_bin``): the perplexity of ``gate_windows`` windows of a packed validation file
-(eval/retention.py's windows and NLL) before training and every ``gate_every`` steps; a measurement above
+(eval/retention.py's windows and NLL) before training, every ``gate_every`` steps and at the last step
+(``trainer.max_steps``, so no run ends on weights the gate never saw); a measurement above
 (1 + ``gate_max_rise``) x the first one stops the run and puts the LoRA weights of the last passing step back,
 so the adapter written at the end is that step's; each pass also writes ``checkpoints/passing.ckpt``.
 The teacher's weights and the gate's state are in every checkpoint (exact resume).
@@ -171,7 +172,7 @@ class SDFTModule(LoraModule):
         replay_ratio: the loss is (1 - ratio) x distillation + ratio x replay NLL.
         replay_windows: replay windows per step (consecutive, in file order, continuing from step to step).
         gate_bin: a packed validation file for the retention gate (None: no gate).
-        gate_every: evaluate the gate's perplexity every this many optimizer steps.
+        gate_every: evaluate the gate's perplexity every this many optimizer steps (and at the last one).
         gate_max_rise: stop when perplexity exceeds (1 + gate_max_rise) x its value before training.
         seq_len: tokens per replay / gate window.
         gate_windows: windows of gate_bin the perplexity is measured on.
@@ -358,7 +359,9 @@ class SDFTModule(LoraModule):
             return  # gradients are still accumulating: no optimizer step yet
         self.teacher_step = self.global_step
         self.update_teacher()
-        if self.hparams.gate_bin is not None and self.global_step % self.hparams.gate_every == 0:
+        # the last step is gated too, so the adapter a run ends with has always passed (or is the last pass)
+        last = self.global_step == self.trainer.max_steps
+        if self.hparams.gate_bin is not None and (self.global_step % self.hparams.gate_every == 0 or last):
             self.check_gate()
 
     def check_gate(self) -> None:
