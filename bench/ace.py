@@ -1,26 +1,31 @@
-"""What the repeated playbook costs an ACE epoch, measured here, in the same run.
+"""An ACE epoch's time with and without the sampler's prefix cache, measured in the same run.
 
     python bench/ace.py [--model smollm2-135m] [--task tatqa_tiny] [--items 16] [--batch-size 8] [--bullets 20]
+                        [--top-k 20] [--max-new-tokens 64] [--dtype auto] [--repeats 3]
 
-Every generator prompt holds the same playbook before a different question, so a prefix cache in the
-sampler (the playbook's KV computed once per batch and shared by its rows) could save the playbook's
-prefill for every row but one of a batch. The sampler has no such cache, so this script measures how
-much there is to save instead of assuming it:
+Every generator prompt holds the same playbook before a different question. The sampler prefills a batch's
+common token prefix once and shares its KV cache with every row (`Sampler.generate`'s ``prefix_cache``, on by
+default), and with ``Sampler(keep_prefix=True)`` (what `lab ace` uses) keeps it for the next call. This script
+measures what each is worth, in three settings (`SETTINGS`: no prefix cache, per batch, kept across calls),
+their order turned every repeat, ``--repeats`` times:
 
-1. an ACE epoch over ``--items`` items of a task (generator with a playbook of ``--bullets`` lessons,
-   then the reflector and curator: `runner.learn_from_batch`), timed per role, with the sampler's own
-   prefill / decode split of every generator call;
-2. the same generator calls with an empty playbook: the difference in prefill is what the repeated
-   playbook costs per generator row, paid again by every regeneration of the reflection rounds;
-3. the epoch's time with a prefix cache, projected: the epoch less (batch - 1) / batch of that cost
-   (a prefix cache still prefills the playbook once per batch).
+1. an ACE epoch over ``--items`` items of a task: the generator with a playbook of ``--bullets`` lessons, then
+   the reflector and curator (`runner.learn_from_batch`), each epoch from the same starting playbook;
+2. a frozen pass: the generator alone over the same items, the playbook unchanged (what validation and test
+   passes do).
 
-Reported: the epoch's time without and with the cache (projected), and the playbook prefill's share.
+Printed per setting: the median seconds, the prefill seconds inside them, the prompt tokens and the share of
+them prefilled once for a batch, the new tokens, whether every setting produced the same outputs (fp32 greedy
+does; in bf16 the cache rounds differently and a greedy path may turn at a near-tie, and then the work differs),
+and the machine's load average before and after. The settings of one run compare; figures of a loaded machine
+(the lab's evidence runs share these cores) do not compare across runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 from collections import Counter
 
@@ -56,30 +61,71 @@ LESSONS = [
 ]
 
 
+# (prefix_cache, keep_prefix) of each setting measured
+SETTINGS = {"no prefix cache": (False, False), "prefix cache per batch": (True, False),
+            "prefix kept across calls": (True, True)}
+
+
 class TimedSampler:
-    """The sampler, with the prefill and decode seconds of every generate call added up."""
+    """The sampler in one of the `SETTINGS` for every generate call, adding up the calls' timing."""
 
     def __init__(self, sampler: Sampler):
         self.sampler, self.tokenizer = sampler, sampler.tokenizer
-        self.prefill_s = self.decode_s = 0.0
-        self.prompt_tokens = 0
+        self.use("no prefix cache")
+
+    def use(self, setting: str) -> None:
+        """Decode in `setting` from now on, counting from zero."""
+        self.prefix_cache, self.sampler.keep_prefix = SETTINGS[setting]
+        self.prefill_s = 0.0
+        self.prompt_tokens = self.shared_tokens = self.new_tokens = 0
 
     def generate(self, prompts, **kwargs):
-        out = self.sampler.generate(prompts, **kwargs)
+        out = self.sampler.generate(prompts, prefix_cache=self.prefix_cache, **kwargs)
         self.prefill_s += out.timing.prefill_s
-        self.decode_s += out.timing.decode_s
         self.prompt_tokens += out.timing.prompt_tokens
+        self.shared_tokens += out.timing.shared_prompt_tokens
+        self.new_tokens += out.timing.new_tokens
         return out
 
 
-def generator_pass(roles: Roles, items, playbook: Playbook, batch_size: int, top_k: int) -> tuple[float, list]:
-    """Answer every item in batches (the playbook's retrieved bullets in each prompt): (seconds, answers)."""
-    start, answers = time.perf_counter(), []
+def playbook_of(bullets: int) -> Playbook:
+    playbook = Playbook(token_budget=None)
+    for lesson in LESSONS[:bullets]:
+        playbook.add(lesson, "formulas", now="2026-12-04T00:00:00+00:00")
+    return playbook
+
+
+def generator_pass(roles: Roles, items, playbook: Playbook, batch_size: int, top_k: int) -> list:
+    """Answer every item in batches, the playbook's retrieved bullets in each prompt: (items, views, answers)."""
+    batches = []
     for first in range(0, len(items), batch_size):
         batch = items[first:first + batch_size]
         views = [playbook.retrieve(f"{item.question} {item.context}", top_k) for item in batch]
-        answers.append((batch, views, roles.answer(batch, views, playbook)))
-    return time.perf_counter() - start, answers
+        batches.append((batch, views, roles.answer(batch, views, playbook)))
+    return batches
+
+
+def ace_epoch(roles: Roles, items, bullets: int, batch_size: int) -> tuple[Counter, str]:
+    """Generator, reflector and curator over the items, the playbook updated after every batch: the counters
+    and the playbook it ends with."""
+    playbook, stats = playbook_of(bullets), Counter()
+    for first in range(0, len(items), batch_size):
+        [(batch, views, answers)] = generator_pass(roles, items[first:first + batch_size], playbook, batch_size,
+                                                   roles.config.top_k)
+        learn_from_batch(roles, playbook, batch, answers, views, stats)
+    return stats, playbook.render()
+
+
+def outputs(result) -> str:
+    """What a run produced, to tell whether the prefix cache changed it: an epoch's final playbook, a frozen
+    pass's generator outputs."""
+    if isinstance(result, tuple):
+        return result[1]
+    return "\n".join(answer.output for _, _, answers in result for answer in answers)
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def main() -> None:
@@ -89,55 +135,58 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--bullets", type=int, default=20)
+    parser.add_argument("--top-k", type=int, default=20, help="bullets retrieved per question (ACE's top_k)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     path, domain = task_path(args.task)
     items = load_items(path, domain)[: args.items]
-    config = EpochsConfig(task_name=args.task, model_id=args.model, batch_size=args.batch_size, top_k=args.bullets,
+    config = EpochsConfig(task_name=args.task, model_id=args.model, batch_size=args.batch_size, top_k=args.top_k,
                           max_new_tokens=args.max_new_tokens, reflector_max_new_tokens=args.max_new_tokens,
                           dtype=args.dtype, token_budget=10**6)
     sampler = TimedSampler(Sampler(load_model(args.model, "auto", args.dtype)))
     sampler.generate("Hello", max_new_tokens=2, greedy=True)  # kernel load and first-call costs, not measured
     roles = Roles(sampler, sampler, config)
+    frozen = playbook_of(args.bullets)
+    playbook_tokens = len(sampler.tokenizer.encode(frozen.render(), add_special_tokens=False))
+    print(f"model {args.model} ({sampler.sampler.engine_info()['dtype']}), task {args.task}, {len(items)} items in "
+          f"batches of {args.batch_size}, playbook of {args.bullets} bullets = {playbook_tokens} tokens "
+          f"(top {args.top_k} retrieved), {args.max_new_tokens} new tokens per call, median of {args.repeats}")
+    print(f"before: {load()}")
 
-    def fresh_playbook(bullets: int) -> Playbook:
-        playbook = Playbook(token_budget=None)
-        for lesson in LESSONS[:bullets]:
-            playbook.add(lesson, "formulas")
-        return playbook
+    runs = {"ACE epoch": lambda: ace_epoch(roles, items, args.bullets, args.batch_size),
+            "frozen pass": lambda: generator_pass(roles, items, frozen, args.batch_size, args.top_k)}
+    measured = {(name, setting): [] for name in runs for setting in SETTINGS}
+    for repeat in range(args.repeats):
+        for name, run in runs.items():
+            # the order of the settings turns every repeat, so that a drift of the machine's speed hits all alike
+            order = list(SETTINGS)[repeat % len(SETTINGS):] + list(SETTINGS)[:repeat % len(SETTINGS)]
+            for setting in order:
+                sampler.use(setting)
+                start = time.perf_counter()
+                result = run()
+                seconds = time.perf_counter() - start
+                measured[name, setting].append((seconds, sampler.prefill_s, sampler.prompt_tokens,
+                                                sampler.shared_tokens, sampler.new_tokens, outputs(result)))
+                if name == "ACE epoch":
+                    stats = result[0]
+    print(f"after:  {load()}")
+    print(f"an ACE epoch: {stats['reflections']} reflections, {stats['regenerations']} regenerations")
 
-    playbook = fresh_playbook(args.bullets)
-    playbook_tokens = len(sampler.tokenizer.encode(playbook.render(), add_special_tokens=False))
-    sampler.prefill_s = sampler.decode_s = 0.0
-    generate_s, batches = generator_pass(roles, items, playbook, args.batch_size, args.bullets)
-    prefill_with, decode_with = sampler.prefill_s, sampler.decode_s
-    learn_start, stats = time.perf_counter(), Counter()
-    for batch, views, answers in batches:
-        learn_from_batch(roles, playbook, batch, answers, views, stats)
-    learn_s = time.perf_counter() - learn_start
-    epoch_s = generate_s + learn_s
+    def median(name: str, setting: str, field: int) -> float:
+        return statistics.median(run[field] for run in measured[name, setting])
 
-    sampler.prefill_s = sampler.decode_s = 0.0
-    plain_s, _ = generator_pass(roles, items, fresh_playbook(0), args.batch_size, args.bullets)
-    prefill_without = sampler.prefill_s
-
-    per_row = max(0.0, prefill_with - prefill_without) / len(items)
-    playbook_prefill = per_row * (len(items) + stats["regenerations"])  # regenerations hold the playbook too
-    saved = playbook_prefill * (args.batch_size - 1) / args.batch_size
-    print(f"model {args.model}, task {args.task}, {len(items)} items in batches of {args.batch_size}, "
-          f"playbook of {args.bullets} bullets = {playbook_tokens} tokens, {args.max_new_tokens} new tokens per call")
-    print(f"generator pass with the playbook:    {generate_s:7.2f} s (prefill {prefill_with:.2f} s, "
-          f"decode {decode_with:.2f} s)")
-    print(f"generator pass with no playbook:     {plain_s:7.2f} s (prefill {prefill_without:.2f} s)")
-    print(f"reflector + curator:                 {learn_s:7.2f} s ({stats['reflections']} reflections, "
-          f"{stats['regenerations']} regenerations)")
-    print(f"the playbook's repeated prefill:     {playbook_prefill:7.2f} s = {playbook_prefill / epoch_s:.1%} of the epoch "
-          f"({per_row * 1000:.0f} ms per generator row, {len(items) + stats['regenerations']} rows)")
-    print(f"ACE epoch without a prefix cache:    {epoch_s:7.2f} s (measured)")
-    print(f"ACE epoch with a prefix cache:       {epoch_s - saved:7.2f} s (projected: {saved:.2f} s saved, "
-          f"{saved / epoch_s:.1%})")
+    for name in runs:
+        same = len({run[5] for setting in SETTINGS for run in measured[name, setting]}) == 1
+        print(f"{name} ({'the same outputs in every setting' if same else 'outputs differ between settings, so does the work'}):")
+        baseline = median(name, "no prefix cache", 0)
+        for setting in SETTINGS:
+            seconds, prefill, tokens = (median(name, setting, field) for field in (0, 1, 2))
+            print(f"    {setting + ':':26s} {seconds:7.2f} s ({seconds / baseline - 1:+6.1%}); prefill {prefill:6.2f} s "
+                  f"for {tokens:.0f} prompt tokens, {median(name, setting, 3) / tokens:4.0%} of them shared; "
+                  f"{median(name, setting, 4):.0f} new tokens")
 
 
 if __name__ == "__main__":

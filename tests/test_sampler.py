@@ -212,7 +212,9 @@ def test_a_shared_prefix_is_prefilled_once_and_decodes_as_without(tiny, sampler)
     shared = len(os.path.commonprefix(prompt_ids))  # the head's tokens (the prompts have one more in common)
     assert shared >= 16 and len({len(ids) for ids in prompt_ids}) == 3
     assert shapes[:2] == [(1, shared), (3, max(map(len, prompt_ids)) - shared)]
+    assert out.prompts[0].timing.shared_prompt_tokens == shared and out.timing.shared_prompt_tokens == 3 * shared
     whole = sampler.generate(SHARED, greedy=True, max_new_tokens=12, chat=False, logprobs=True, prefix_cache=False)
+    assert whole.timing.shared_prompt_tokens == 0
     mine, reference = [c for c, in out.completions], [c for c, in whole.completions]
     assert [c.token_ids for c in mine] == [c.token_ids for c in reference]
     assert [c.text for c in mine] == [c.text for c in reference] and len({c.text for c in mine}) == 3
@@ -234,6 +236,32 @@ def test_a_shared_prefix_keeps_signals_attention_and_samples(tiny, sampler):
         for c in result.completions:
             check_against_full_pass(tiny.model, result.prompt_token_ids, c.token_ids, c.logprobs, c.entropies,
                                     c.margins, c.attention, c.attention_rows)
+
+
+def test_a_kept_prefix_is_continued_across_calls_until_the_model_changes(tiny_llama_dir):
+    """keep_prefix: the next call's prefix is computed only past what it has in common with the kept one; the
+    same tokens as a sampler that keeps nothing; a weight update drops the kept prefix."""
+    loaded = varied(load_causal_lm(str(tiny_llama_dir), device="cpu", dtype="fp32"))
+    keeping, plain = Sampler(loaded, keep_prefix=True), Sampler(loaded)
+    longer = [HEAD + "What is 2 + 3? " + tail for tail in ("It is 5.", "The answer is 72.", "user")]
+
+    def greedy(sampler, prompts):
+        with count_model_inputs(loaded.model) as shapes:
+            out = sampler.generate(prompts, greedy=True, max_new_tokens=8, chat=False)
+        return [c.token_ids for c, in out.completions], shapes, out
+
+    first, shapes, out = greedy(keeping, SHARED)
+    shared = out.prompts[0].timing.shared_prompt_tokens
+    assert shapes[0] == (1, shared) and first == greedy(plain, SHARED)[0]
+    again, shapes, _ = greedy(keeping, SHARED)
+    assert again == first and shapes[0][0] == 3  # the whole prefix was kept: no pass over it
+    extended, shapes, out = greedy(keeping, longer)
+    assert shapes[0] == (1, out.prompts[0].timing.shared_prompt_tokens - shared)  # only past the kept part
+    assert extended == greedy(plain, longer)[0]
+    with torch.no_grad():  # what an optimizer step does between two calls
+        loaded.model.model.layers[0].self_attn.q_proj.weight.mul_(-1.0)
+    changed, shapes, out = greedy(keeping, longer)
+    assert shapes[0] == (1, out.prompts[0].timing.shared_prompt_tokens) and changed == greedy(plain, longer)[0]
 
 
 # ---- stop strings and finish reasons -------------------------------------------------------------

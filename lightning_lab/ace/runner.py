@@ -515,10 +515,12 @@ def open_roles(config: AceConfig) -> Roles:
             models[model_id] = load_model(model_id, config.device, config.dtype)
         return models[model_id]
 
-    generator = Sampler(model(config.model_id))
+    # keep_prefix: the playbook's KV cache, computed for one call, serves the next calls that show it (the
+    # continuations of a batch, every batch of a frozen pass); the roles never change the model's weights
+    generator = Sampler(model(config.model_id), keep_prefix=True)
     reflector = generator
     if config.reflector_model not in (None, config.model_id):
-        reflector = Sampler(model(config.reflector_model))
+        reflector = Sampler(model(config.reflector_model), keep_prefix=True)
     for sampler in {id(generator): generator, id(reflector): reflector}.values():
         sampler.generate("Hello", max_new_tokens=2, greedy=True)  # one-time costs (kernel load) stay out of latency
     embed = None

@@ -21,6 +21,9 @@ Batch decoding (`generate`)
   positions counted over real tokens, so every row attends to what it would alone. fp32 greedy decoding gives the
   tokens of whole-prompt prefills (the logits differ in the last bits: attention sums over other key layouts).
   Decode steps on the CPU kernels then read the prefix's keys once for all rows (`KVCache.shared_prefix`).
+  ``Sampler(keep_prefix=True)`` also keeps the last batch's prefix (one row of cache) for the next call, which
+  computes only the tokens its own prefix adds after the part the two have in common (ACE's generator: the same
+  playbook before every batch of a frozen pass, and before each call of a batch).
 - The KV cache is preallocated (``kv_cache.py``: one buffer per layer, written in place, cropped by moving a
   length) instead of growing by concatenation, which would copy the whole cache at every step.
   Rows that finished (EOS / stop string / length) are dropped from the batch and the cache once a
@@ -208,6 +211,7 @@ class Timing:
     prompt_tokens: int = 0
     new_tokens: int = 0
     batch_prompts: int = 0
+    shared_prompt_tokens: int = 0  # of the prompt tokens, those prefilled once for a whole batch (its common prefix)
 
     @property
     def tokens_per_s(self) -> float:
@@ -610,6 +614,16 @@ def lookup_draft(context: list[int], max_tokens: int, max_ngram: int = LOOKUP_NG
     return []
 
 
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many first tokens all `sequences` have in common."""
+    length = 0
+    for column in zip(*sequences):
+        if any(token != column[0] for token in column):
+            break
+        length += 1
+    return length
+
+
 def find_stop(text: str, stop: Sequence[str]) -> tuple[int, str] | None:
     """(index, stop string) of the earliest stop string in `text`, or None."""
     found = [(text.find(s), s) for s in stop if s in text]
@@ -627,6 +641,10 @@ class Sampler:
     ``cpu_kernels``: the decoder's norms, rotary embedding, activation, one-token attention and products, and the
     sampling's top-k, on CPU through ``cpu_kernels.cpp`` (default: when it builds and takes the model; True makes
     that an error otherwise; False keeps torch's operations, whose bf16 logits equal transformers' bit for bit).
+    ``keep_prefix``: keep the last batch's common prefix for the next `generate` call (module docstring), for a
+    caller that does not change the model between calls; a change of a parameter's storage or version counter (an
+    optimizer step, loaded weights), of the engine or of adapters switched on or off drops it. It holds one row
+    of KV cache.
 
     The sampler never changes the model: every call decodes the model as it is at that moment (its weights,
     adapters and modules; the engine is chosen again at each call) and leaves its train/eval mode as it was
@@ -634,7 +652,7 @@ class Sampler:
     """
 
     def __init__(self, loaded, pack_weights: bool | None = None, llama_decoder: bool | None = None,
-                 cpu_kernels: bool | None = None):
+                 cpu_kernels: bool | None = None, keep_prefix: bool = False):
         model = loaded.model
         if hasattr(model, "get_base_model"):  # a peft model: its base holds the adapter layers and takes every argument
             model = model.get_base_model()
@@ -657,6 +675,8 @@ class Sampler:
         self.pack_weights = packed.available(self.device) if pack_weights is None else pack_weights
         self.llama_decoder, self.cpu_kernels = llama_decoder, cpu_kernels
         self.decoder = self._current_decoder()  # chosen again at every call (`_running`)
+        self.keep_prefix = keep_prefix
+        self._kept_prefix: tuple[list[int], Cache, tuple] | None = None  # (ids, one-row cache, `_model_stamp`)
         # attention modules by layer, for attaching a capture (transformers' convention: `layer_idx`, `head_dim`)
         self.attention_modules = {}
         for module in self.model.modules():
@@ -754,6 +774,7 @@ class Sampler:
                     results.append(PromptResult(prompts[start + offset], encoded[start + offset], completions, timing))
                     total.new_tokens += timing.new_tokens
                     total.prompt_tokens += timing.prompt_tokens
+                    total.shared_prompt_tokens += timing.shared_prompt_tokens
                 total.prefill_s += batch[0][1].prefill_s
                 total.decode_s += batch[0][1].decode_s
         total.batch_prompts = min(batch_size, len(prompts))
@@ -807,12 +828,12 @@ class Sampler:
         has_padding = any(padding)
         positions = (mask[:, :prompt_len].long().cumsum(-1) - 1).clamp(min=0)  # counted over real tokens
 
-        cache = new_cache(self.model.config, capacity)
         if capture is not None:
             capture.enabled = False  # prompt rows are not needed
         if shared:
-            self._run(input_ids[:1, :shared], cache, positions[:1, :shared], None)
-            cache.batch_repeat_interleave(len(prompt_ids))
+            cache = self._prefix_rows(input_ids[0, :shared], capacity, len(prompt_ids))
+        else:
+            cache = new_cache(self.model.config, capacity)
         logits = self._run(input_ids[:, shared:], cache, positions[:, shared:],
                            mask[:, :prompt_len] if has_padding else None, capture=capture)[:, -1]
         if capture is not None:
@@ -876,7 +897,8 @@ class Sampler:
         results = []
         for prompt_index, ids in enumerate(prompt_ids):
             completions = [self._completion(row, stop, capture) for row in rows[prompt_index * n:(prompt_index + 1) * n]]
-            timing = Timing(prefill_s, decode_s, len(ids), sum(len(c.token_ids) for c in completions), len(prompt_ids))
+            timing = Timing(prefill_s, decode_s, len(ids), sum(len(c.token_ids) for c in completions), len(prompt_ids),
+                            shared)
             results.append((completions, timing))
         return results
 
@@ -887,13 +909,33 @@ class Sampler:
         would count the padding after the prefix as positions."""
         if len(prompt_ids) < 2 or full_attention_layers(self.model.config) is None:
             return 0
-        length = 0
-        for column in zip(*prompt_ids):
-            if any(token != column[0] for token in column):
-                break
-            length += 1
-        length = min(length, min(map(len, prompt_ids)) - 1)
+        length = min(common_prefix_length(prompt_ids), min(map(len, prompt_ids)) - 1)
         return length if length >= MIN_SHARED_PREFIX else 0
+
+    def _prefix_rows(self, prefix: torch.Tensor, capacity: int, rows: int) -> Cache:
+        """A cache of `rows` rows that hold the token ids `prefix`, computed once on one row. With ``keep_prefix``,
+        that row continues the prefix kept from the last call as far as the two begin alike (and the model has not
+        changed since: `_model_stamp`), and is kept in its place."""
+        ids = prefix.tolist()
+        stamp = self._model_stamp() if self.keep_prefix else None
+        kept, start = self._kept_prefix if self.keep_prefix else None, 0
+        if kept is not None and kept[2] == stamp:
+            start = common_prefix_length([kept[0], ids])
+        if start >= MIN_SHARED_PREFIX:
+            row = take_rows(kept[1], torch.zeros(1, dtype=torch.long, device=self.device))
+            row.crop(start - len(kept[0]))
+        else:
+            row, start = new_cache(self.model.config, capacity), 0
+        if start < len(ids):
+            self._run(prefix[None, start:], row, torch.arange(start, len(ids), device=self.device)[None], None)
+        self._kept_prefix = (ids, row, stamp) if self.keep_prefix else None
+        return take_rows(row, torch.zeros(rows, dtype=torch.long, device=self.device))
+
+    def _model_stamp(self) -> tuple:
+        """Changes when the model's output may: the engine, and every parameter's storage and version counter (an
+        optimizer step, loaded weights), and whether an adapter is active."""
+        return (self.decoder is not None, tuple(adapters.stamp(p) for p in self.model.parameters()),
+                adapters.adapter_active(self.model))
 
     def _finish_reason(self, generated: list[int], stop: list[str], ignore_eos: bool,
                        max_new_tokens: int | None = None) -> tuple[str | None, str | None]:
