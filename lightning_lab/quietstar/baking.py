@@ -148,6 +148,15 @@ def thought_places(lengths: list[int], settings: ThoughtSampling) -> list[tuple[
     return places
 
 
+def at_columns(values: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``values[rows[r], columns[r, k]]`` for (rows, width, ...) values: (len(rows), columns.shape[1], ...).
+
+    Through `index_select` rather than advanced indexing: the places overlap, and advanced indexing's backward
+    adds the overlapping gradients with atomics on several CPU threads, in a different order each run."""
+    flat = (rows[:, None] * values.shape[1] + columns).flatten()
+    return values.flatten(0, 1).index_select(0, flat).view(*columns.shape, *values.shape[2:])
+
+
 # ---- the LightningModule ------------------------------------------------------------------------
 
 
@@ -246,7 +255,7 @@ class QuietStarModule(LoraModule):
         thought_logp = torch.log_softmax(post_logits[:, :length] / settings.temperature, dim=-1)
         thought_logp = thought_logp.gather(-1, thoughts[..., None]).squeeze(-1).sum(dim=1)
         # 4. mix the base and post-thought predictions of the same true tokens
-        base_logits, base_hidden = base.logits[texts[:, None], window - 1], base.hidden[texts[:, None], window - 1]
+        base_logits, base_hidden = (at_columns(scores, texts, window - 1) for scores in (base.logits, base.hidden))
         mixed, weight = mix(self.mixing_head, base_logits, post_logits[:, length + 1:], base_hidden,
                             post_hidden[:, length + 1:])
         mixed_logp = torch.log_softmax(mixed, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
