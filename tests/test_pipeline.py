@@ -1,10 +1,19 @@
-"""`lab pipeline discover-distill`: a complete step is skipped, an incomplete one is redone (phase A, tiny sizes)."""
+"""`lab pipeline discover-distill`: a complete step is skipped, an incomplete one is redone (phase A, tiny sizes);
+a kill in phase C followed by --resume ends with the registry of an uninterrupted run (micro sizes)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from lightning_lab.cli import main as lab
+from lightning_lab.discover.pipeline import PROJECT, run_status
 
 TINY = """
 corpus_train_lines: 300
@@ -49,3 +58,89 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     assert lab(["pipeline", "discover-distill", "--scale", "huge", "--root", str(tmp_path)]) == 2
     assert "huge" in capsys.readouterr().err
     assert lab(["pipeline", "discover-distill", "--from-phase", "C", "--to-phase", "B", "--root", str(tmp_path)]) == 2
+
+
+# A→C in ~a minute on 2 shared cores: a 4-step pretraining of the tiny GPT, 2 held-out tasks, 2 TTT steps, one seed.
+MICRO = f"""
+corpus_train_lines: 300
+corpus_val_lines: 40
+vocab_size: 400
+train_per_cell: 1
+heldout_per_cell: 1
+pretrain_config: {PROJECT}/configs/pretrain/tiny.yaml
+pretrain_args: [--trainer.max_steps, "4", --data.seq_len, "32", --data.batch_size, "4", --trainer.val_check_interval,
+                "2", --data.val_batches, "1", --model.warmup_steps, "1", --trainer.enable_progress_bar, "false",
+                --run.checkpoint_every_n_steps, "2", --trainer.precision, "32-true", --trainer.accelerator, cpu]
+discover_config: {PROJECT}/configs/discover/tiny.yaml
+discover_args: [--steps, "2", --rollouts, "6", --groups, "2", --max_new_tokens, "6", --save_adapters, "false",
+                --limit, "2"]
+seeds: [0]
+"""
+
+
+def pipeline_process(config: Path, root: Path, log: Path, *args: str) -> subprocess.Popen:
+    """`lab pipeline discover-distill` in its own process (the same environment for every run compared)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT)}
+    return subprocess.Popen([sys.executable, "-m", "lightning_lab.cli", "pipeline", "discover-distill", "--config",
+                             str(config), "--root", str(root), *args], env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+
+
+def registry_without_wall_clock(root: Path) -> str:
+    """results.md less its wall-clock table (seconds differ between any two runs) + results.tex."""
+    text = (root / "results.md").read_text()
+    start = text.index("## Wall-clock per phase")
+    end = text.find("\n## ", start + 1)
+    return text[:start] + (text[end:] if end >= 0 else "") + (root / "results.tex").read_text()
+
+
+def task_results(run: Path) -> dict:
+    """Every task's result.json of a discover run, less its seconds."""
+    return {path.parent.name: {k: v for k, v in json.loads(path.read_text()).items() if k != "seconds"}
+            for path in sorted((run / "tasks").glob("*/result.json"))}
+
+
+def test_a_kill_in_phase_c_then_resume_gives_the_registry_of_an_uninterrupted_run(tmp_path, capsys):
+    config, straight, killed = tmp_path / "micro.yaml", tmp_path / "straight", tmp_path / "killed"
+    config.write_text(MICRO)
+    assert lab(["pipeline", "discover-distill", "--config", str(config), "--root", str(straight), "--to-phase",
+                "B"]) == 0
+    capsys.readouterr()
+    shutil.copytree(straight, killed)  # both continue from the same pretrained model
+
+    process = pipeline_process(config, straight, tmp_path / "straight.log", "--from-phase", "C", "--to-phase", "C",
+                               "--resume")
+    assert process.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()
+
+    # SIGKILL once TTT has finished a step of a held-out task: phase C is half done, its TTT run mid-way
+    heldout = killed / "discover" / "heldout"
+    process = pipeline_process(config, killed, tmp_path / "killed.log", "--from-phase", "C", "--to-phase", "C",
+                               "--resume")
+    deadline = time.time() + 300
+    while not any(path.stat().st_size for path in (heldout / "ttt-s0" / "tasks").glob("*/metrics.jsonl")):
+        assert process.poll() is None, (tmp_path / "killed.log").read_text()
+        assert time.time() < deadline, "no TTT step in 300 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert run_status(heldout / "bestofn-s0") == "completed" and run_status(heldout / "ttt-s0") == "running"
+    assert not (heldout / "compare.json").exists()
+
+    # --resume from phase A: A and B are complete and skipped, best-of-N is skipped, TTT continues
+    assert lab(["pipeline", "discover-distill", "--config", str(config), "--root", str(killed), "--to-phase", "C",
+                "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "$ lab data" not in out and "$ lab pretrain" not in out and "complete, skipped: pretrain/pretrain" in out
+    assert "complete, skipped: discover/heldout/bestofn-s0" in out
+    assert "--name ttt-s0 --progress false --resume true" in out
+
+    for root in (straight, killed):
+        assert lab(["pipeline", "discover-distill", "--config", str(config), "--root", str(root), "--from-phase", "F",
+                    "--resume"]) == 0
+    for run in sorted(path for path in (straight / "discover" / "heldout").iterdir() if path.is_dir()):
+        assert task_results(killed / "discover" / "heldout" / run.name) == task_results(run), run.name
+    rows = [json.loads((root / "discover" / "heldout" / "compare.json").read_text())["rows"]
+            for root in (straight, killed)]
+    assert rows[0] == rows[1] and any(row["comparison"] == "ttt vs bestofn@samples" for row in rows[0])
+    assert registry_without_wall_clock(killed) == registry_without_wall_clock(straight)
+    assert "ttt vs bestofn@samples | all | 2 |" in (killed / "results.md").read_text()
