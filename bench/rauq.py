@@ -10,11 +10,11 @@ of ``--reps`` repetitions that alternate between the two sides (`paired_median_s
 Target: monitored <= 1.10x plain.
 
 Batched evaluation: ``--problems`` (16) GSM8K questions, each through the controller as `lab rauq evaluate`
-runs it, at ``--batch-size`` 1 (each on the step API from its prompt) and ``--batch-size`` 16 (one batched
-greedy pass up to each problem's first trigger, then each alone: `RAUQController.greedy_prefixes`), with the
-entropy trigger at theta = +inf (nothing fires: the upper bound of the gain) and at ``--theta`` (default: the
-80th percentile of the greedy tokens' entropies, measured here, so that most problems trigger). Target:
-batch 16 >= 3x the problems per hour of batch 1.
+runs it, at ``--batch-size`` 1 and ``--batch-size`` 16 (`RAUQController.generate_batch`: every row triggers, rolls
+back and inserts its thought on its own in one batch), with the entropy trigger and cot repair at theta = +inf
+(nothing fires: the upper bound of the gain) and at ``--theta`` (default: the 80th percentile of the greedy
+tokens' entropies, measured here, so that most problems trigger). Target: batch 16 >= 3x the problems per hour
+of batch 1.
 """
 
 from __future__ import annotations
@@ -82,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         triggered = 0
         for start in range(0, len(questions), batch_size):
-            batch = questions[start:start + batch_size]
-            prefixes = controller.greedy_prefixes(batch) if batch_size > 1 else [None] * len(batch)
-            triggered += sum(bool(controller.generate(q, p).trigger_events) for q, p in zip(batch, prefixes))
+            outputs = controller.generate_batch(questions[start:start + batch_size])
+            triggered += sum(bool(out.trigger_events) for out in outputs)
         return 3600 * len(questions) / (time.perf_counter() - started), triggered
 
     theta = args.theta

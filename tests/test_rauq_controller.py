@@ -138,24 +138,38 @@ def test_anchor_rollback_goes_back_to_the_last_sentence_or_line_end(loaded, samp
     assert fixed._rollback_count(tokens, 0) == 3 and fixed._rollback_count(tokens, 6) == 2
 
 
-@pytest.mark.parametrize("trigger", ["entropy", "rauq"])
-def test_a_batch_of_four_gives_what_each_gives_alone(loaded, sampler, heads, trigger):
-    """One batched greedy pass up to each row's first trigger, then each row on its own: the same tokens,
-    triggers and thoughts as the controller on each prompt from scratch (fp32)."""
+@pytest.mark.parametrize("trigger,repair", [("entropy", "cot"), ("rauq", "cot"), ("margin", "rerank")])
+def test_a_batch_of_four_gives_what_each_gives_alone(loaded, sampler, heads, trigger, repair):
+    """Four prompts of different lengths decoded together, each row triggering, rolling back and inserting on
+    its own: the same tokens, triggers, thoughts and scores as the controller on each prompt alone (fp32)."""
     prompts = ["What is 2 + 3?", "Natalia sold clips to 48 of her friends.", "The answer is 72.", "question answer"]
     greedy = controller(loaded, sampler, heads, math.inf, trigger=trigger)
     signals = sorted(entry["signal"] for prompt in prompts for entry in greedy.generate(prompt).trace
                      if entry["kind"] == "answer")
-    theta = signals[len(signals) * 3 // 4]  # a quarter of the tokens are above it
-    each = controller(loaded, sampler, heads, theta, trigger=trigger, stability_window=3, cooldown=4, max_repairs=2)
+    quarter = len(signals) * 3 // 4  # a quarter of the tokens are above theta, none within rounding of it
+    theta = (signals[quarter] + signals[quarter + 1]) / 2
+    each = controller(loaded, sampler, heads, theta, trigger=trigger, repair=repair, stability_window=3, cooldown=4,
+                      max_repairs=2, cot_length=5)
     expected = [each.generate(prompt) for prompt in prompts]
     assert sum(bool(out.trigger_events) for out in expected) >= 2  # the batch really has rows that trigger
-    prefixes = each.greedy_prefixes(prompts)
-    assert all(len(prefix) >= 4 for prefix in prefixes)  # the shared pass reached each row's first trigger
-    batched = [each.generate(prompt, prefix) for prompt, prefix in zip(prompts, prefixes)]
+    assert sum(e["rolled_back"] for out in expected for e in out.trigger_events) >= 2  # and roll back
+    batched = each.generate_batch(prompts)
     for one, other in zip(expected, batched):
         assert other.token_ids == one.token_ids and other.completion == one.completion
-        assert [e["position"] for e in other.trigger_events] == [e["position"] for e in one.trigger_events]
+        assert [(e["position"], e["rolled_back"]) for e in other.trigger_events] == [
+            (e["position"], e["rolled_back"]) for e in one.trigger_events]
+        assert [e["score"] for e in other.trigger_events] == pytest.approx(
+            [e["score"] for e in one.trigger_events], rel=1e-4)
+        assert other.repairs == one.repairs and other.extra_tokens == one.extra_tokens
+        assert [entry["token_id"] for entry in other.trace] == [entry["token_id"] for entry in one.trace]
         assert [score is None for score in other.rauq_scores] == [score is None for score in one.rauq_scores]
         assert [s for s in other.rauq_scores if s is not None] == pytest.approx(
             [s for s in one.rauq_scores if s is not None], rel=1e-4)
+
+
+def test_infinite_theta_in_a_batch_is_greedy(loaded, sampler, heads):
+    prompts = ["What is 2 + 3?", "Natalia sold clips to 48 of her friends.", "question answer"]
+    expected = sampler.generate(prompts, greedy=True, max_new_tokens=24, batch_size=1).completions
+    batched = controller(loaded, sampler, heads).generate_batch(prompts)
+    assert [out.token_ids for out in batched] == [completions[0].token_ids for completions in expected]
+    assert all(out.trigger_events == [] and out.extra_tokens == 0 for out in batched)

@@ -156,3 +156,45 @@ def test_bad_arguments_name_what_is_wrong(sampler):
         sampler.rollback(state, 1)
     with pytest.raises(ValueError, match="select"):
         sampler.select(state, 1)
+
+
+def test_ragged_rows_step_idle_and_roll_back_each_as_alone(sampler):
+    """Rows after prompts of different lengths in one cache, each fed, idling and rolled back on its own (holes in
+    the shared cache): each row's tokens, signals and captured a_{i,i-1} (on its previous *valid* token) are those of
+    a one-row state doing the same alone."""
+    heads = [(1, 3), (0, 0)]
+    state = sampler.start_rows(PROMPTS, capture_heads=heads, chat=False)
+    alone = [sampler.start(prompt, greedy=True, capture_heads=heads, chat=False) for prompt in PROMPTS]
+    for step in range(12):
+        if step in (5, 9):  # rows roll back by different amounts, each on its own
+            for r, k in enumerate((2, 1, 0) if step == 5 else (0, 3, 1)):
+                sampler.rollback_row(state, r, k)
+                sampler.rollback(alone[r], k)
+        active = [(step + r) % 3 != 0 for r in range(len(PROMPTS))]  # each row idles every third step
+        tokens = [int(state.logits[r][-1].argmax()) if active[r] else None for r in range(len(PROMPTS))]
+        outputs = sampler.step_rows(state, tokens)
+        for r, output in enumerate(outputs):
+            if not active[r]:
+                assert output is None
+                continue
+            expected = sampler.step(alone[r])
+            assert output.token_id == expected.token_id and output.text == expected.text
+            assert [output.logprob, output.entropy, output.margin] == pytest.approx(
+                [expected.logprob, expected.entropy, expected.margin], rel=1e-4, abs=1e-5)
+            assert output.attention == pytest.approx(expected.attention, rel=1e-4, abs=1e-6)
+    for r, one in enumerate(alone):
+        assert state.rows[r].token_ids == one.token_ids
+        torch.testing.assert_close(state.logits[r][-1], one.logits[-1][0], rtol=1e-4, atol=1e-4)
+    forked = sampler.select_rows(state, [2, 0, 0])  # a fork of rows as they are, holes and all
+    assert [row.token_ids for row in forked.rows] == [state.rows[2].token_ids] + [state.rows[0].token_ids] * 2
+    out = sampler.step_rows(forked, [None, int(forked.logits[1][-1].argmax()), 7])
+    assert out[0] is None and out[1].token_id == sampler.step(alone[0]).token_id
+
+
+def test_ragged_rollback_is_checked(sampler):
+    state = sampler.start_rows(PROMPTS[:2], chat=False)
+    sampler.step_rows(state, [5, None])
+    with pytest.raises(ValueError, match=r"rollback_row\(k=1\): must be an integer in 0..0 \(row 1"):
+        sampler.rollback_row(state, 1, 1)
+    with pytest.raises(ValueError, match=r"select_rows\(rows=\[2\]\): this state has rows 0..1"):
+        sampler.select_rows(state, [2])

@@ -5,9 +5,13 @@
     out = controller.generate("Natalia sold clips ...")
     out.completion, out.trigger_events, out.rauq_scores, out.extra_tokens, out.stats
 
-Decoding is greedy, one token at a time on the sampler's step API (`Sampler.start` / `step` / `append` /
-`rollback`: one KV cache; a rollback crops it, nothing is recomputed). After each answer token the trigger
-signal is compared with theta (``signal > theta`` fires):
+    outs = controller.generate_batch(prompts)  # several problems in one batch, each on its own
+
+Decoding is greedy, one token per row and forward pass on the sampler's ragged rows (`Sampler.start_rows` /
+`step_rows` / `rollback_row` / `select_rows`: one KV cache for the batch; a row's rollback masks its last
+tokens out, nothing is recomputed), so problems of a batch trigger, roll back and think each on its own, and
+each decodes as it would alone (its thoughts draw from its own generator, seeded with ``seed``). After each
+answer token the trigger signal is compared with theta (``signal > theta`` fires):
 - ``rauq``: the running token-level RAUQ of the answer so far (`scoring.RunningScore` over the heads file's
   heads, the paper's a_{i,i-1}, which the sampler captures for the token it just consumed);
 - ``entropy``: the token's next-token entropy (nats); ``margin``: 1 - (p1 - p2), its top-2 margin turned
@@ -25,7 +29,8 @@ where the current stretch of answer began), then repair:
   when the problem's thought budget ``cot_horizon`` is spent, and an EOS inside a thought is taken back.
 - ``rerank`` (AdaDec-style): the ``rerank_candidates`` most likely next tokens are each rolled out
   ``rerank_horizon`` greedy tokens; the candidate with the best mean log-prob over its rollout is kept
-  (each rollout is rolled back on the same cache), then greedy resumes.
+  (the candidates roll out together on rows forked from the problem's row, which waits; their rows are then
+  dropped), then greedy resumes.
 - ``none``: only log the trigger.
 The answer's recurrence restarts after an inserted thought (its previous token is not an answer token).
 
@@ -42,10 +47,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from lightning_lab.errors import UserError
 from lightning_lab.rauq.heads import HeadsFile
 from lightning_lab.rauq.scoring import RunningScore
-from lightning_lab.sampling.sampler import DecodeState, Sampler, SamplingParams, StepOutput
+from lightning_lab.sampling.sampler import (DROP_FINISHED_FRACTION, RaggedState, Sampler, SamplingParams, StepOutput,
+                                            choose_tokens)
 
 TRIGGERS = ("rauq", "entropy", "margin")
 REPAIRS = ("cot", "rerank", "none")
@@ -128,14 +136,6 @@ def signal_trace(completion, trigger: str, alpha: float, num_layers: int) -> lis
                                                                               completion.margins)]
 
 
-def first_trigger(signals: Sequence[float], config: ControllerConfig, theta: float) -> int | None:
-    """Where the controller would fire first on a greedy answer with these signals (None: nowhere): the first
-    token after the stability window whose signal exceeds theta."""
-    if config.max_repairs == 0:
-        return None
-    return next((t for t, value in enumerate(signals) if t >= config.stability_window and value > theta), None)
-
-
 @dataclass
 class ControllerOutput:
     completion: str
@@ -160,6 +160,45 @@ class _Token:
     signal: float | None = None
 
 
+@dataclass(eq=False)
+class _Problem:
+    """One problem being decoded in a batch: what the controller keeps for it, and where it is.
+
+    ``mode``: ``answer`` (greedy answer tokens), ``open`` / ``close`` (feeding the thought's markers from
+    ``queue``), ``thought`` (sampling a thought), ``wait`` (its rerank candidates roll out on forked rows),
+    ``best`` (feeding the kept candidate). ``finish`` is set once it is done (its row then idles)."""
+
+    generator: torch.Generator
+    tokens: list[_Token] = field(default_factory=list)  # everything after the prompt that is still in the cache
+    trace: list[dict] = field(default_factory=list)
+    running: RunningScore | None = None
+    events: list[dict] = field(default_factory=list)
+    repairs: list[dict] = field(default_factory=list)
+    answer_count: int = 0
+    decoded: int = 0
+    thought_budget: int = 0  # thought tokens sampled so far
+    segment_start: int = 0  # index in `tokens` where the current stretch of answer began
+    last_repair_at: int | None = None  # answer tokens when the last repair happened
+    mode: str = "answer"
+    queue: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)  # the current thought's text pieces
+    thought_running: RunningScore | None = None
+    prefix: str = ""  # the answer text before the current thought
+    rollouts: list[_Rollout] = field(default_factory=list)
+    finish: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class _Rollout:
+    """A rerank candidate rolled out greedily on a row forked from its problem's row."""
+
+    problem: _Problem
+    candidate: int
+    outputs: list[StepOutput] = field(default_factory=list)
+    done: bool = False
+
+
 class RAUQController:
     """Greedy decoding with uncertainty-triggered rollback and repair (module docstring).
 
@@ -176,104 +215,200 @@ class RAUQController:
         self.threshold = float(threshold)
         self.sampler = sampler or Sampler(loaded)
         self.tokenizer = self.sampler.tokenizer
-        self.greedy = SamplingParams(greedy=True)
         self.thought_params = SamplingParams(config.cot_temperature, config.cot_top_p)
+        self.cot_open, self.cot_close = self._ids(config.cot_open), self._ids(config.cot_close)
 
-    def generate(self, prompt, prefix: Sequence[int] | None = None) -> ControllerOutput:
-        """Decode one prompt. ``prefix``: greedy answer tokens already decoded for it elsewhere (a batched pass,
-        `first_trigger`); they are fed in one forward pass and then read one by one as if stepped, and any not
-        yet read when a trigger fires are rolled back first, so the result is what stepping would give."""
+    def generate(self, prompt) -> ControllerOutput:
+        """Decode one prompt (`generate_batch` of one)."""
+        return self.generate_batch([prompt])[0]
+
+    def generate_batch(self, prompts: Sequence) -> list[ControllerOutput]:
+        """Decode several prompts together, each on its own: one forward pass per step feeds every row's next
+        token (a greedy answer token, a sampled thought token or a marker), and each row triggers, rolls back
+        and inserts on its own (`Sampler.start_rows`: rows of different lengths in one KV cache; a rollback
+        masks the row's last tokens out). A rerank forks its candidates as rows of the same batch. Each row's
+        thoughts draw from its own generator seeded with ``config.seed``, so a problem decodes as it would
+        alone. ``stats["seconds"]``: from the start of the batch until the problem finished."""
         config = self.config
         started = time.perf_counter()
-        state = self.sampler.start(prompt, greedy=True, seed=config.seed,
-                                   capture_heads=self.scorer.pairs if self.scorer else None)
-        pending = self.sampler.append(state, list(prefix)[:config.max_new_tokens])[::-1] if prefix else []
-        tokens: list[_Token] = []  # everything after the prompt that is still in the cache
-        trace = [{"token_id": token, "text": self.tokenizer.decode([token]), "kind": "prompt", "rauq": None,
-                  "signal": None, "rolled_back": False} for token in state.prompt_ids]
-        running = RunningScore(self.scorer.alpha, len(self.scorer.pairs)) if self.scorer else None
-        events, repairs = [], []
-        answer_count = decoded = thought_budget = 0
-        segment_start = 0  # index in `tokens` where the current stretch of answer began
-        last_repair_at = None  # answer tokens when the last repair happened
-        finish = "length"
-        while answer_count < config.max_new_tokens:
-            output = pending.pop() if pending else self._step(state, self.greedy)
-            decoded += 1
-            self._keep_answer(tokens, trace, running, output)
-            token = tokens[-1]
-            answer_count += 1
-            if output.is_eos:
-                finish = "eos"
-                break
-            in_window = answer_count <= config.stability_window or (
-                last_repair_at is not None and answer_count - last_repair_at <= config.cooldown)
-            fires = token.signal is not None and token.signal > self.threshold
-            if not fires or in_window or len(events) >= config.max_repairs:
-                continue
-            trace[-1]["trigger"] = True
-            count = self._rollback_count(tokens, segment_start)
-            event = {"position": answer_count - 1, "score": token.signal, "rolled_back": count, "repair": config.repair}
-            events.append(event)
-            if config.repair == "none":
-                last_repair_at = answer_count
-                continue
-            self.sampler.rollback(state, count + len(pending))  # the prefix tokens not read yet go too
-            pending = []
-            del tokens[len(tokens) - count:]
-            if running is not None:
-                running.pop(count)
-            for item in trace[len(trace) - count:]:
-                item["rolled_back"] = True
-            answer_count -= count
-            last_repair_at = answer_count
-            if config.repair == "cot":
-                before = self._text(tokens)
-                thought, used, sampled = self._think(state, tokens, trace, config.cot_horizon - thought_budget)
-                decoded += used
-                thought_budget += sampled
-                repairs.append({"prefix": before, "cot": thought, "trigger_position": event["position"],
-                                "thought_end": len(tokens)})
-                segment_start = len(tokens)
-            else:  # rerank: the chosen token is the next answer token
-                used, output = self._rerank(state, running, tokens, trace)
-                decoded += used
-                answer_count += 1
-                last_repair_at = answer_count
-                if output.is_eos:
-                    finish = "eos"
-                    break
-        answer_ids = [token.token_id for token in tokens]
-        text = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
-        seconds = time.perf_counter() - started
-        stats = {"answer_tokens": answer_count, "thought_tokens": sum(t.kind == "thought" for t in tokens),
-                 "decoded_tokens": decoded, "triggers": len(events), "finish": finish, "seconds": seconds}
-        return ControllerOutput(text, events, [token.rauq for token in tokens], decoded - answer_count, stats,
-                                answer_ids, repairs, trace)
+        state = self.sampler.start_rows(list(prompts), capture_heads=self.scorer.pairs if self.scorer else None)
+        problems = []
+        for prompt_ids in state.prompt_ids:
+            problem = _Problem(torch.Generator(device=self.sampler.device).manual_seed(config.seed))
+            problem.trace = [{"token_id": token, "text": self.tokenizer.decode([token]), "kind": "prompt",
+                              "rauq": None, "signal": None, "rolled_back": False} for token in prompt_ids]
+            problem.running = self._running_score()
+            problems.append(problem)
+        owners: list[_Problem | _Rollout] = list(problems)  # what each row of the state decodes
+        while any(problem.finish is None for problem in problems):
+            tokens = [self._next_token(owner, state.logits[r][-1]) for r, owner in enumerate(owners)]
+            for r, (owner, output) in enumerate(zip(owners, self.sampler.step_rows(state, tokens))):
+                if output is None:
+                    continue
+                if isinstance(owner, _Rollout):
+                    owner.outputs.append(output)
+                    owner.done = output.is_eos or len(owner.outputs) > config.rerank_horizon
+                else:
+                    self._advance(state, r, owner, output)
+                    if owner.finish is not None:
+                        owner.seconds = time.perf_counter() - started
+            state, owners = self._rerank_rows(state, owners)
+            finished = [r for r, owner in enumerate(owners) if isinstance(owner, _Problem) and owner.finish]
+            if finished and len(finished) >= DROP_FINISHED_FRACTION * len(owners) and len(finished) < len(owners):
+                keep = [r for r in range(len(owners)) if r not in finished]
+                state, owners = self.sampler.select_rows(state, keep), [owners[r] for r in keep]
+        return [self._output(problem) for problem in problems]
 
-    def greedy_prefixes(self, prompts: Sequence, batch_size: int | None = None) -> list[list[int]]:
-        """One batched greedy pass of the sampler over `prompts` (its `generate`, every row decoded together);
-        per prompt, its tokens up to and including the first trigger (`first_trigger`), or all of them. Given to
-        `generate` as ``prefix``, they let a batch of problems share the decoding up to their first triggers."""
-        config, heads = self.config, self.scorer
-        capture = heads.pairs if heads is not None and config.trigger == "rauq" else None
-        generation = self.sampler.generate(list(prompts), greedy=True, max_new_tokens=config.max_new_tokens,
-                                           logprobs=True, entropy=True, margin=True, capture_heads=capture,
-                                           batch_size=batch_size or len(prompts))
-        prefixes = []
-        for (completion,) in generation.completions:
-            signals = signal_trace(completion, config.trigger, heads.alpha if heads else 0.0,
-                                   len(heads.pairs) if heads else 0)
-            first = first_trigger(signals, config, self.threshold)
-            prefixes.append(completion.token_ids if first is None else completion.token_ids[:first + 1])
-        return prefixes
+    # ---- one row ----
+
+    def _next_token(self, owner: _Problem | _Rollout, logits: torch.Tensor) -> int | None:
+        """The token this row feeds next: forced, sampled (a thought) or greedy; None when it idles."""
+        if isinstance(owner, _Rollout):
+            if owner.done:
+                return None
+            return int(logits.argmax()) if owner.outputs else owner.candidate
+        if owner.finish is not None or owner.mode == "wait":
+            return None
+        if owner.queue:
+            return owner.queue[0]
+        if owner.mode == "thought":
+            return int(choose_tokens(logits[None], self.thought_params, owner.generator, self.sampler.cpu_kernels)[0])
+        return int(logits.argmax())
+
+    def _advance(self, state: RaggedState, r: int, problem: _Problem, output: StepOutput) -> None:
+        """Take in the token row `r` just fed for `problem`, and decide what comes next."""
+        config = self.config
+        problem.decoded += 1
+        if problem.mode in ("open", "close"):
+            problem.queue.pop(0)
+            self._keep(problem, output)
+            if not problem.queue:
+                self._start_thought(problem) if problem.mode == "open" else self._end_thought(problem)
+        elif problem.mode == "thought":
+            if output.is_eos:  # a thought does not end the answer
+                self.sampler.rollback_row(state, r, 1)
+                self._close_thought(problem)
+                return
+            self._keep(problem, output)
+            problem.pieces.append(output.text)
+            if config.cot_policy == "unlimited" and "\n" in output.text:
+                self._close_thought(problem)
+            elif config.cot_policy == "rauq" and problem.thought_running is not None and \
+                    problem.thought_running.push(output.logprob, output.attention) <= self.threshold:
+                self._close_thought(problem)
+            else:
+                self._start_thought(problem)  # goes on, or closes once the thought is long enough
+        elif problem.mode == "best":  # the kept rerank candidate: the next answer token, no trigger on it
+            problem.queue.pop(0)
+            self._keep_answer(problem, output)
+            problem.answer_count += 1
+            problem.last_repair_at = problem.answer_count
+            problem.mode = "answer"
+            if output.is_eos:
+                problem.finish = "eos"
+        else:
+            self._answer(state, r, problem, output)
+        if problem.finish is None and problem.mode == "answer" and problem.answer_count >= config.max_new_tokens:
+            problem.finish = "length"
+
+    def _answer(self, state: RaggedState, r: int, problem: _Problem, output: StepOutput) -> None:
+        """A greedy answer token: keep it, and on a trigger roll back and start the repair."""
+        config = self.config
+        self._keep_answer(problem, output)
+        problem.answer_count += 1
+        if output.is_eos:
+            problem.finish = "eos"
+            return
+        token = problem.tokens[-1]
+        in_window = problem.answer_count <= config.stability_window or (
+            problem.last_repair_at is not None and problem.answer_count - problem.last_repair_at <= config.cooldown)
+        fires = token.signal is not None and token.signal > self.threshold
+        if not fires or in_window or len(problem.events) >= config.max_repairs:
+            return
+        problem.trace[-1]["trigger"] = True
+        count = self._rollback_count(problem.tokens, problem.segment_start)
+        event = {"position": problem.answer_count - 1, "score": token.signal, "rolled_back": count,
+                 "repair": config.repair}
+        problem.events.append(event)
+        if config.repair == "none":
+            problem.last_repair_at = problem.answer_count
+            return
+        self.sampler.rollback_row(state, r, count)
+        del problem.tokens[len(problem.tokens) - count:]
+        if problem.running is not None:
+            problem.running.pop(count)
+        for item in problem.trace[len(problem.trace) - count:]:
+            item["rolled_back"] = True
+        problem.answer_count -= count
+        problem.last_repair_at = problem.answer_count
+        if config.repair == "cot":
+            problem.prefix = self._text(problem.tokens)
+            problem.repairs.append({"prefix": problem.prefix, "cot": "", "trigger_position": event["position"]})
+            problem.mode, problem.queue, problem.pieces = "open", list(self.cot_open), []
+            problem.thought_running = self._running_score()
+            if not problem.queue:
+                self._start_thought(problem)
+        else:  # rerank: the candidates are forked after this step (`_rerank_rows`)
+            logits = state.logits[r][-1]
+            problem.mode = "wait"
+            problem.rollouts = [_Rollout(problem, candidate)
+                                for candidate in logits.topk(config.rerank_candidates).indices.tolist()]
+
+    def _start_thought(self, problem: _Problem) -> None:
+        """Sample (more of) the thought, or close it once its length or the problem's thought budget is spent."""
+        limit = {"rauq": self.config.cot_length, "max20": 20, "unlimited": math.inf}[self.config.cot_policy]
+        problem.mode = "thought"
+        if len(problem.pieces) >= min(limit, self.config.cot_horizon - problem.thought_budget):
+            self._close_thought(problem)
+
+    def _close_thought(self, problem: _Problem) -> None:
+        problem.thought_budget += len(problem.pieces)
+        problem.repairs[-1]["cot"] = "".join(problem.pieces)
+        problem.mode, problem.queue = "close", list(self.cot_close)
+        if not problem.queue:
+            self._end_thought(problem)
+
+    def _end_thought(self, problem: _Problem) -> None:
+        problem.repairs[-1]["thought_end"] = len(problem.tokens)
+        problem.segment_start = len(problem.tokens)
+        problem.mode = "answer"
+
+    def _rerank_rows(self, state: RaggedState, owners: list) -> tuple[RaggedState, list]:
+        """Fork the rows of problems whose rerank just started (one row per candidate, in the same batch), and
+        for those whose candidates are all rolled out keep the candidate with the best mean log-prob over its
+        rollout (AdaDec), drop the candidates' rows and feed the kept one next."""
+        starting = [(r, owner) for r, owner in enumerate(owners) if isinstance(owner, _Problem)
+                    and owner.mode == "wait" and owner.rollouts and owner.rollouts[0] not in owners]
+        if starting:
+            forked = [r for r, problem in starting for _ in problem.rollouts]
+            state = self.sampler.select_rows(state, list(range(len(owners))) + forked)
+            owners = owners + [rollout for _, problem in starting for rollout in problem.rollouts]
+        done = [owner for owner in owners if isinstance(owner, _Problem) and owner.mode == "wait"
+                and all(rollout.done for rollout in owner.rollouts)]
+        if not done:
+            return state, owners
+        for problem in done:
+            means = [sum(o.logprob for o in rollout.outputs) / len(rollout.outputs) for rollout in problem.rollouts]
+            problem.decoded += sum(len(rollout.outputs) for rollout in problem.rollouts)
+            problem.queue = [problem.rollouts[means.index(max(means))].candidate]
+            problem.mode, problem.rollouts = "best", []
+        keep = [r for r, owner in enumerate(owners) if not (isinstance(owner, _Rollout) and owner.problem in done)]
+        return self.sampler.select_rows(state, keep), [owners[r] for r in keep]
+
+    def _output(self, problem: _Problem) -> ControllerOutput:
+        answer_ids = [token.token_id for token in problem.tokens]
+        stats = {"answer_tokens": problem.answer_count,
+                 "thought_tokens": sum(token.kind == "thought" for token in problem.tokens),
+                 "decoded_tokens": problem.decoded, "triggers": len(problem.events), "finish": problem.finish,
+                 "seconds": problem.seconds}
+        return ControllerOutput(self.tokenizer.decode(answer_ids, skip_special_tokens=True), problem.events,
+                                [token.rauq for token in problem.tokens], problem.decoded - problem.answer_count,
+                                stats, answer_ids, problem.repairs, problem.trace)
 
     # ---- pieces ----
 
-    def _step(self, state: DecodeState, params: SamplingParams) -> StepOutput:
-        """One token under `params` on the same state (greedy answer, sampled thought)."""
-        return self.sampler.step(state, greedy=params.greedy, temperature=params.temperature, top_p=params.top_p,
-                                 top_k=params.top_k)
+    def _running_score(self) -> RunningScore | None:
+        return RunningScore(self.scorer.alpha, len(self.scorer.pairs)) if self.scorer else None
 
     def _rollback_count(self, tokens: list[_Token], segment_start: int) -> int:
         """How many tokens a trigger rolls back: never into a thought or the prompt."""
@@ -285,71 +420,21 @@ class RAUQController:
                 return len(tokens) - index - 1
         return available
 
-    def _think(self, state: DecodeState, tokens: list[_Token], trace: list[dict], budget: int) -> tuple[str, int, int]:
-        """Append the opening, sample a thought (at most `budget` tokens), append the closing; returns the
-        thought's text, the tokens decoded (markers and a taken-back EOS included) and the thought's tokens."""
-        config = self.config
-        decoded = 0
-        for output in self.sampler.append(state, config.cot_open):
-            self._keep(tokens, trace, output)
-            decoded += 1
-        limit = {"rauq": config.cot_length, "max20": 20, "unlimited": math.inf}[config.cot_policy]
-        thought_running = RunningScore(self.scorer.alpha, len(self.scorer.pairs)) if self.scorer else None
-        pieces = []
-        while len(pieces) < min(limit, budget):
-            output = self._step(state, self.thought_params)
-            decoded += 1
-            if output.is_eos:  # a thought does not end the answer
-                self.sampler.rollback(state, 1)
-                break
-            self._keep(tokens, trace, output)
-            pieces.append(output.text)
-            if config.cot_policy == "unlimited" and "\n" in output.text:
-                break
-            if config.cot_policy == "rauq" and thought_running is not None:
-                if thought_running.push(output.logprob, output.attention) <= self.threshold:
-                    break
-        for output in self.sampler.append(state, config.cot_close):
-            self._keep(tokens, trace, output)
-            decoded += 1
-        return "".join(pieces), decoded, len(pieces)
-
-    def _keep(self, tokens: list[_Token], trace: list[dict], output: StepOutput) -> None:
+    def _keep(self, problem: _Problem, output: StepOutput) -> None:
+        """Keep a thought or marker token (no scores)."""
         token = _Token(output.token_id, output.text, "thought")
-        tokens.append(token)
-        trace.append(self._trace_entry(token))
+        problem.tokens.append(token)
+        problem.trace.append(self._trace_entry(token))
 
-    def _rerank(self, state: DecodeState, running: RunningScore | None, tokens: list[_Token],
-                trace: list[dict]) -> tuple[int, StepOutput]:
-        """Roll out the top candidates of the next token and keep the best; (tokens decoded, the kept token)."""
-        config = self.config
-        logits = state.logits[-1].float().reshape(-1)  # the next-token logits of this one row
-        candidates = logits.topk(config.rerank_candidates).indices.tolist()
-        decoded, best, best_value = 0, None, -math.inf
-        for candidate in candidates:
-            outputs = self.sampler.append(state, [candidate])
-            for _ in range(config.rerank_horizon):
-                if outputs[-1].is_eos:
-                    break
-                outputs.append(self._step(state, self.greedy))
-            decoded += len(outputs)
-            value = sum(output.logprob for output in outputs) / len(outputs)
-            if value > best_value:
-                best, best_value = candidate, value
-            self.sampler.rollback(state, len(outputs))
-        output = self.sampler.append(state, [best])[0]
-        self._keep_answer(tokens, trace, running, output)
-        return decoded + 1, output
-
-    def _keep_answer(self, tokens: list[_Token], trace: list[dict], running: RunningScore | None,
-                     output: StepOutput) -> None:
+    def _keep_answer(self, problem: _Problem, output: StepOutput) -> None:
         """Score an answer token (a new recurrence right after a thought) and keep it."""
-        after_thought = bool(tokens) and tokens[-1].kind == "thought"
+        after_thought = bool(problem.tokens) and problem.tokens[-1].kind == "thought"
+        running = problem.running
         rauq = running.push(output.logprob, output.attention, restart=after_thought) if running is not None else None
         value = signal(self.config.trigger, rauq, output.entropy, output.margin)
         token = _Token(output.token_id, output.text, "answer", rauq, value)
-        tokens.append(token)
-        trace.append(self._trace_entry(token))
+        problem.tokens.append(token)
+        problem.trace.append(self._trace_entry(token))
 
     def _trace_entry(self, token: _Token) -> dict:
         return {"token_id": token.token_id, "text": token.text, "kind": token.kind, "rauq": token.rauq,

@@ -13,8 +13,9 @@ when its trigger, alpha, model or heads file differ from this run's; ``fixed`` t
 results.jsonl (one line per problem: its completion, correctness, tokens, triggers, latency; ``--resume``
 skips finished ids), summary.json (accuracy, accuracy per 1000 generated tokens, mean tokens, trigger rate,
 latency percentiles; ablate: per cell, with the exact McNemar p-value against the greedy cell) and
-trace.png (the RAUQ trace of the first problem that triggered, trigger points marked). Problems are decoded
-one at a time: the sampler's step API decodes one prompt per state (see the report of issue 23).
+trace.png (the RAUQ trace of the first problem that triggered, trigger points marked). ``--batch_size`` problems
+are decoded together, each row triggering, rolling back and inserting on its own
+(`RAUQController.generate_batch`).
 
 ``--save_repairs FILE`` writes, for each fired thought, ``{prompt, prefix, cot, answer, completion,
 trigger_positions, correct, num_tokens}``; ``completion`` is the whole text to learn (prefix + thought +
@@ -28,7 +29,6 @@ import dataclasses
 import itertools
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,8 +160,8 @@ class EvaluateConfig(ControllerOptions, LoopConfig):
     only_correct: bool = False
     """keep repairs of correct answers only"""
     batch_size: int = 1
-    """problems decoded together: one batched greedy pass up to each one's first trigger, then each goes on
-    alone (`RAUQController.greedy_prefixes`); 1: each problem on the step API from its prompt"""
+    """problems decoded together, each row triggering, rolling back and inserting on its own
+    (`RAUQController.generate_batch`)"""
     uncertainty: bool = False
     """also score each final completion teacher-forced (RAUQ in both conventions, mean entropy, MSP, perplexity)
     and report each one's AUROC for wrong answers, with bootstrap intervals"""
@@ -408,18 +408,12 @@ def plot_trace(out, theta: float, path: Path, title: str = "") -> Path:
 
 
 def decode(controller, samples: list, batch_size: int, bar=None):
-    """Yield (sample, `ControllerOutput`) for each problem, `batch_size` at a time: with more than one, a batched
-    greedy pass up to each one's first trigger, then each goes on alone (`RAUQController.greedy_prefixes`).
-    A problem's ``stats["seconds"]`` includes its share of the batched pass."""
+    """Yield (sample, `ControllerOutput`) for each problem, `batch_size` decoded together
+    (`RAUQController.generate_batch`: each row triggers, rolls back and inserts on its own); a problem's
+    ``stats["seconds"]`` runs from the start of its batch until it finished."""
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
-        started = time.perf_counter()
-        prompts = [sample.prompt for sample in batch]
-        prefixes = controller.greedy_prefixes(prompts) if batch_size > 1 else [None] * len(batch)
-        shared = (time.perf_counter() - started) / len(batch)
-        for sample, prefix in zip(batch, prefixes):
-            out = controller.generate(sample.prompt, prefix)
-            out.stats["seconds"] += shared
+        for sample, out in zip(batch, controller.generate_batch([sample.prompt for sample in batch])):
             if bar is not None:
                 bar.update(1)
             yield sample, out

@@ -104,6 +104,13 @@ move in lockstep (``step``, ``append`` and ``rollback`` act on all of them), so 
 made by ``fork`` (or ``select`` with a list) returns one result per row, a state made by ``start`` (or ``select``
 with one index) returns results as for one sequence.
 
+Ragged rows (``start_rows`` / ``step_rows`` / ``rollback_row`` / ``select_rows``): rows after *different* prompts,
+each moving on its own in one batch (a controller decoding several problems). Each forward pass feeds one token per
+row at one shared cache slot; the caller chooses each row's token (greedy, sampled with `choose_tokens`, forced) or
+None (the row idles, its slot masked out); ``rollback_row`` masks a row's last tokens out (holes in the shared cache)
+instead of cropping it. Attention goes through a 2D (rows, slots) mask and per-row position ids, and the captured
+a_{i,i-1} is read on each row's previous *valid* slot. ``select_rows`` drops finished rows or forks one.
+
 Reproducibility: with the same ``seed``, prompts, batch composition (``n``, ``batch_size``, order),
 sampling parameters (``prompt_lookup`` among them), model, dtype, device, thread count and library
 versions, ``generate`` returns the same samples (one `torch.Generator`, seeded per call, is shared by the
@@ -363,6 +370,30 @@ class DecodeState:
         return self.rows[0]
 
 
+@dataclass
+class RaggedState:
+    """Rows after different prompts in one KV cache, each stepped, fed and rolled back on its own (`Sampler.start_rows`).
+
+    Every forward pass feeds one token per row at the same cache slot; a row that has nothing to feed idles
+    (its slot is masked out), and a rollback masks the row's last slots out instead of cropping the shared
+    cache. ``valid[r]`` says which slots row r attends to; ``slots[r]`` holds the slot of each of its tokens,
+    prompt included, so its position id is ``len(slots[r])`` and its previous token sits at ``slots[r][-1]``.
+    ``logits[r][j]`` (vocab,) are its next-token logits after its prompt and its first j tokens."""
+
+    prompt_ids: list[list[int]]
+    cache: Cache
+    capture: AttentionCapture | None
+    valid: torch.Tensor  # (rows, capacity) bool
+    slots: list[list[int]]
+    logits: list[list[torch.Tensor]]
+    rows: list[Row]
+
+    @property
+    def length(self) -> int:
+        """Slots in the KV cache (every row's, holes included)."""
+        return self.cache.get_seq_length()
+
+
 # ---- attention capture --------------------------------------------------------------------------
 
 
@@ -407,9 +438,10 @@ class AttentionCapture:
             query, key = query.index_select(1, index), key.index_select(1, index // groups)
         self.pending.append((module.layer_idx, query, key, attention_mask, scaling or query.shape[-1] ** -0.5))
 
-    def collect(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def collect(self, previous_slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(batch, heads, queries) a_{i,i-1} and, if kept, (batch, heads, queries, keys) rows of the last forward
-        pass; heads in the order they were requested."""
+        pass; heads in the order they were requested. ``previous_slots`` (batch,): for a one-query pass over a cache
+        with holes (`RaggedState`), the key index of each row's previous token, read instead of the slot before."""
         pending = sorted(self.pending, key=lambda item: item[0])
         self.pending = []
         if [layer for layer, *_ in pending] != list(self.heads_by_layer):
@@ -422,6 +454,9 @@ class AttentionCapture:
             probs.append(attention_probs(query, key, group[0][3], group[0][4]))
         probs = torch.cat(probs, dim=1).index_select(1, self.order.to(query.device))
         queries, keys = probs.shape[-2:]
+        if previous_slots is not None:
+            index = previous_slots.to(probs.device)[:, None, None, None].expand(-1, probs.shape[1], 1, 1)
+            return probs.gather(-1, index)[..., 0], probs if self.keep_rows else None
         # query j sits at key position keys - queries + j; its previous token at keys - queries + j - 1
         first = keys - queries - 1
         if first >= 0:
@@ -1215,6 +1250,95 @@ class Sampler:
                     attention_rows=attention_rows[r][j] if attention_rows is not None else None,
                     finish_reason=finish, stop=stop_string, candidates=best[r][j] if best is not None else None))
         return outputs
+
+
+    # ---- ragged rows: per-row step, append and rollback in one batch ----
+
+    @torch.inference_mode()
+    def start_rows(self, prompts: Sequence[Prompt], capture_heads: Sequence[tuple[int, int]] | None = None,
+                   chat: bool | None = None) -> RaggedState:
+        """Prefill several prompts (left-padded, one forward pass) into a `RaggedState`, whose rows `step_rows`,
+        `rollback_row` and `select_rows` then move each on its own (controllers that batch problems)."""
+        prompt_ids = [self.encode(prompt, chat) for prompt in prompts]
+        length = max(len(ids) for ids in prompt_ids)
+        padding = [length - len(ids) for ids in prompt_ids]
+        valid = torch.ones(len(prompt_ids), 2 * length + 256, dtype=torch.bool, device=self.device)
+        for row, pad in enumerate(padding):
+            valid[row, :pad] = False
+        input_ids = torch.tensor([[self.pad_id] * pad + ids for pad, ids in zip(padding, prompt_ids)], device=self.device)
+        positions = (valid[:, :length].long().cumsum(-1) - 1).clamp(min=0)
+        cache = new_cache(self.model.config, valid.shape[1])
+        with self._running(None):  # prompt rows are not needed
+            logits = self._run(input_ids, cache, positions, valid[:, :length] if any(padding) else None)[:, -1]
+        return RaggedState(prompt_ids, cache, self._capture(capture_heads, False), valid,
+                           [list(range(pad, length)) for pad in padding], [[row] for row in logits], 
+                           [Row() for _ in prompt_ids])
+
+    @torch.inference_mode()
+    def step_rows(self, state: RaggedState, tokens: Sequence[int | None]) -> list[StepOutput | None]:
+        """Feed one token per row (None: the row idles this pass) in one forward pass; per row, the token's
+        `StepOutput` (log-prob, entropy and margin under the row's last logits, a_{i,i-1} on the row's previous
+        token for the captured heads), None for an idle row. Choosing the tokens is the caller's (`choose_tokens`
+        on ``state.logits[r][-1]``), so rows may be greedy, sampled or forced each on its own."""
+        fed = [r for r, token in enumerate(tokens) if token is not None]
+        if not fed:
+            return [None] * len(tokens)
+        slot = state.length
+        if slot + 1 > state.valid.shape[1]:  # room for more slots (the cache grows by itself)
+            state.valid = torch.cat([state.valid, torch.zeros_like(state.valid)], dim=1)
+        state.valid[:, slot] = False
+        state.valid[fed, slot] = True
+        ids = torch.tensor([[self.pad_id if token is None else token] for token in tokens], device=self.device)
+        positions = torch.tensor([[len(slots)] for slots in state.slots], device=self.device)
+        previous = torch.tensor([slots[-1] for slots in state.slots], device=self.device)
+        mask = self._decode_mask(state.cache, state.valid[:, :slot + 1], True)
+        before = torch.stack([state.logits[r][-1] for r in fed])
+        with self._running(state.capture):
+            new_logits = self._run(ids, state.cache, positions, mask, capture=state.capture)[:, -1]
+        values = token_signals(before, ids[fed, 0]).tolist()
+        attention = state.capture.collect(previous)[0][:, :, 0].tolist() if state.capture is not None else None
+        outputs: list[StepOutput | None] = [None] * len(tokens)
+        for index, r in enumerate(fed):
+            row, token = state.rows[r], tokens[r]
+            state.slots[r].append(slot)
+            state.logits[r].append(new_logits[r])
+            row.token_ids.append(token)
+            row.text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+            piece = ""  # a token that ends inside a multi-byte character shows nothing until the character is whole
+            if not row.text.endswith(INCOMPLETE):
+                piece, row.emitted = row.text[row.emitted:], len(row.text)
+            outputs[r] = StepOutput(token, piece, *values[index], is_eos=token in self.eos_ids,
+                                    attention=attention[r] if attention is not None else None,
+                                    finish_reason="eos" if token in self.eos_ids else None)
+        return outputs
+
+    @torch.inference_mode()
+    def rollback_row(self, state: RaggedState, row: int, k: int) -> None:
+        """Forget the last k tokens of one row: its slots are masked out (holes), nothing is recomputed."""
+        held = len(state.rows[row].token_ids)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= held:
+            raise ValueError(f"rollback_row(k={k!r}): must be an integer in 0..{held} (row {row}'s tokens after its prompt)")
+        if k == 0:
+            return
+        state.valid[row, state.slots[row][-k:]] = False
+        del state.slots[row][-k:], state.logits[row][-k:]
+        target = state.rows[row]
+        del target.token_ids[-k:]
+        target.text = self.tokenizer.decode(target.token_ids, skip_special_tokens=True)
+        target.emitted = min(target.emitted, len(target.text.rstrip(INCOMPLETE)))
+
+    @torch.inference_mode()
+    def select_rows(self, state: RaggedState, rows: Sequence[int]) -> RaggedState:
+        """A new `RaggedState` of the chosen rows, in that order (repeats fork a row: the copies share what it
+        computed; a subset drops finished rows); `state` is left as it was."""
+        indices = [int(row) for row in rows]
+        if not indices or any(not 0 <= index < len(state.rows) for index in indices):
+            raise ValueError(f"select_rows(rows={rows!r}): this state has rows 0..{len(state.rows) - 1}")
+        device_indices = torch.tensor(indices, device=self.device)
+        return RaggedState([state.prompt_ids[i] for i in indices], take_rows(state.cache, device_indices),
+                           state.capture, state.valid.index_select(0, device_indices),
+                           [list(state.slots[i]) for i in indices], [list(state.logits[i]) for i in indices],
+                           [copy.deepcopy(state.rows[i]) for i in indices])
 
 
 @contextlib.contextmanager
