@@ -144,3 +144,48 @@ def test_a_kill_in_phase_c_then_resume_gives_the_registry_of_an_uninterrupted_ru
     assert rows[0] == rows[1] and any(row["comparison"] == "ttt vs bestofn@samples" for row in rows[0])
     assert registry_without_wall_clock(killed) == registry_without_wall_clock(straight)
     assert "ttt vs bestofn@samples | all | 2 |" in (killed / "results.md").read_text()
+
+
+def test_phase_b_pretrains_the_mhc_off_control_and_the_registry_reads_both_arms(tmp_path, capsys):
+    config, root = tmp_path / "micro.yaml", tmp_path / "root"
+    config.write_text(MICRO.replace("--trainer.accelerator, cpu]", "--trainer.accelerator, cpu, --model.model_config, "
+                                    f"{PROJECT}/configs/model/gpt_tiny_mhc.yaml]")
+                      + f"mhc_off_model_config: {PROJECT}/configs/model/gpt_tiny.yaml\nretention_max_batches: 1\n")
+    args = ["pipeline", "discover-distill", "--config", str(config), "--root", str(root)]
+    assert lab(args + ["--to-phase", "B"]) == 0
+    out = capsys.readouterr().out
+    assert "--run.name pretrain_plain" in out and f"--model.model_config {PROJECT}/configs/model/gpt_tiny.yaml" in out
+    arms = {name: json.loads((root / "pretrain" / name / "model_config.json").read_text())["mhc"]["enabled"]
+            for name in ("pretrain", "pretrain_plain")}
+    assert arms == {"pretrain": True, "pretrain_plain": False}
+    comparison = json.loads((root / "pretrain" / "mhc_on_vs_off.json").read_text())
+    assert comparison["config"]["base"].endswith("pretrain_plain/checkpoints/last.ckpt")
+    assert comparison["config"]["updated"].endswith("pretrain/pretrain/checkpoints/last.ckpt")
+    assert comparison["windows"] == 8  # retention_max_batches 1 x 8 windows
+
+    assert lab(args + ["--from-phase", "B", "--to-phase", "B", "--resume"]) == 0  # all three steps complete
+    assert "$ lab" not in capsys.readouterr().out
+    assert lab(args + ["--from-phase", "F", "--resume"]) == 0
+    low, high = comparison["perplexity_ratio_interval"]
+    text = (root / "results.md").read_text()
+    assert f"{comparison['perplexity_ratio']:.4f} [{low:.4f}, {high:.4f}]" in text
+    assert "mHC on vs off (perplexity ratio on / off on 8 validation windows" in text
+    assert "no claim about mHC" not in text
+
+
+def test_the_paper_scale_is_the_seeds_configuration_with_its_mhc_control():
+    from lightning_lab.data.io import read_yaml_or_json
+    from lightning_lab.discover.pipeline import CONFIG_DIR, load_scale
+
+    paper = load_scale(CONFIG_DIR / "paper.yaml")
+    pretrain = read_yaml_or_json(PROJECT / paper.pretrain_config)
+    assert read_yaml_or_json(PROJECT / pretrain["model"]["model_config"])["mhc"]["enabled"] is True
+    assert read_yaml_or_json(PROJECT / paper.mhc_off_model_config)["mhc"]["enabled"] is False
+    assert paper.vocab_size == 32000 and pretrain["data"]["seq_len"] == 256 and pretrain["data"]["batch_size"] == 4
+    assert pretrain["trainer"]["accumulate_grad_batches"] == 4 and pretrain["trainer"]["max_steps"] == 5000
+    flags = dict(zip(paper.discover_args[::2], paper.discover_args[1::2]))
+    seed = {"--rollouts": "32", "--steps": "30", "--kl_coef": "0.1", "--max_new_tokens": "32"}
+    assert {key: flags[key] for key in seed} == seed
+    sdft = read_yaml_or_json(PROJECT / paper.sdft_config)
+    assert sdft["trainer"]["max_steps"] == 500
+    assert load_scale(CONFIG_DIR / "tiny.yaml").mhc_off_model_config is None  # tiny: no control, so no mHC claim

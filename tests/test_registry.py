@@ -53,7 +53,7 @@ def test_the_registry_reads_every_number_from_the_artifacts_and_follows_the_clai
     assert "--samples 153" in text and "bestofn@flops (reward" not in text and "bestofn@flops (exact" not in text
     assert "sdft retention: no forgetting beyond the gate's bound" in text
     assert "sft retention: no \"no forgetting\" claim" in text
-    assert "mHC: no claim" in text
+    assert "mHC: no claim about mHC: no mHC-off control arm was pretrained" in text
     assert "discover/post/sdft-bestofn-s0" in text  # missing artifacts are listed, not estimated
     assert {p.name for p in paths} >= {"pipeline.png", "bestofn_vs_ttt.png", "ablations.png", "retention.png",
                                        "results.md", "results.tex"}
@@ -69,3 +69,34 @@ def test_the_registry_reads_every_number_from_the_artifacts_and_follows_the_clai
     assert "0.612 | 0.534" not in changed and "0.550 | 0.534" in changed
     assert "ttt vs bestofn@samples (reward, 33 items): no winner" in changed
     assert "sdft retention: no \"no forgetting\" claim" in changed
+
+
+def test_the_mhc_claim_needs_an_on_and_an_off_arm_and_reads_their_comparison(tmp_path):
+    root = tmp_path
+    write(root / "pretrain" / "pretrain" / "model_config.json", {"mhc": {"enabled": True}})
+    write_registry(root)
+    assert "mHC: no claim about mHC: no mHC-off control arm was pretrained" in (root / "results.md").read_text()
+    assert "the pipeline's model has mHC on" in (root / "results.md").read_text()
+
+    write(root / "pretrain" / "pretrain_plain" / "model_config.json", {"mhc": {"enabled": True}})
+    write_registry(root)
+    assert ("mHC: no claim about mHC: pretrain/pretrain has mHC on and pretrain/pretrain_plain mHC on: not an on / "
+            "off pair") in (root / "results.md").read_text()
+
+    write(root / "pretrain" / "pretrain_plain" / "model_config.json", {"mhc": {"enabled": False}})
+    write_registry(root)
+    assert "pretrain/mhc_on_vs_off.json, both arms' perplexity on the same windows, is missing" in \
+           (root / "results.md").read_text()
+
+    write(root / "pretrain" / "mhc_on_vs_off.json", retention(0.95, 0.99))
+    write_registry(root)
+    text = (root / "results.md").read_text()
+    assert "| 16 | 4.000 | 3.880 | 0.9700 [0.9500, 0.9900] |" in text
+    assert ("mHC on vs off (perplexity ratio on / off on 16 validation windows, 0.9700 [0.9500, 0.9900]): mHC on has "
+            "the lower validation perplexity") in text
+    assert "mHC on / off (ppl ratio) & 16 & 0.9700 [0.9500, 0.9900]" in (root / "results.tex").read_text()
+
+    write(root / "pretrain" / "mhc_on_vs_off.json", retention(0.98, 1.03))
+    write_registry(root)
+    assert "0.9700" not in (root / "results.md").read_text()
+    assert "no winner between mHC on and off (the interval spans 1)" in (root / "results.md").read_text()

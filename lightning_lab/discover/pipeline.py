@@ -9,7 +9,10 @@ Phases (every step is a `lab` command run in this process, its output under ``--
 A  data: discovery tasks (``data/train_tasks.jsonl``, ``data/heldout_tasks.jsonl``), the synthetic corpus with
    the train tasks' own lines added (`discover.tasks.pretraining_text`: the model reads the task format, and the
    answers of the tasks phase D trains on, never the held-out ones), a tokenizer, ``data/train.bin``/``val.bin``.
-B  pretrain the lab GPT (``pretrain/pretrain/``, the scale's pretrain config).
+B  pretrain the lab GPT (``pretrain/pretrain/``, the scale's pretrain config). With ``mhc_off_model_config``
+   (``--scale paper``) also the mHC-off control (``pretrain/pretrain_plain/``: the same run with that model
+   config) and both models' perplexity on the same validation windows (``pretrain/mhc_on_vs_off.json``,
+   `lab eval retention` with the control as base): the registry makes no claim about mHC without them.
 C  the held-out suite: best-of-N and TTT at seeds 0 and 1, the TTT ablations at seed 0 (no reuse, fixed beta,
    no KL; ``--include-expected-ablation``: the expected-reward objective), ``discover/heldout/compare.json``.
 D  TTT on the train tasks, the SDFT data of its verified-exact answers (``sdft_data.jsonl``), then SDFT and the
@@ -56,6 +59,7 @@ class PipelineConfig:
     heldout_per_cell: int = 2
     pretrain_config: str = "configs/pretrain/tiny.yaml"
     pretrain_args: list[str] = field(default_factory=list)
+    mhc_off_model_config: str | None = None  # phase B's mHC-off control arm (a model config); None: no control
     discover_config: str = "configs/discover/tiny.yaml"
     discover_args: list[str] = field(default_factory=list)
     bestofn_samples: int = 0
@@ -182,11 +186,20 @@ class Pipeline:
                 str(self.data(f"{split}.bin"))])
 
     def phase_b(self) -> None:
-        tokenizer = str(self.data("tokenizer"))
-        self.stage_step(self.root / "pretrain" / "pretrain", [
-            "pretrain", "fit", "--config", self.config.pretrain_config, "--model.tokenizer", tokenizer,
-            "--data.tokenizer", tokenizer, "--data.train_path", str(self.data("train.bin")),
-            "--data.val_path", str(self.data("val.bin")), *self.config.pretrain_args])
+        c, tokenizer = self.config, str(self.data("tokenizer"))
+        argv = ["pretrain", "fit", "--config", c.pretrain_config, "--model.tokenizer", tokenizer, "--data.tokenizer",
+                tokenizer, "--data.train_path", str(self.data("train.bin")), "--data.val_path",
+                str(self.data("val.bin")), *c.pretrain_args]
+        self.stage_step(self.root / "pretrain" / "pretrain", argv)
+        if c.mhc_off_model_config is None:
+            return
+        plain = self.root / "pretrain" / "pretrain_plain"  # the control: the same run with mHC off
+        self.stage_step(plain, [*argv, "--model.model_config", c.mhc_off_model_config])
+        out = self.root / "pretrain" / "mhc_on_vs_off.json"
+        self.files_step([out], ["eval", "retention", "--base", str(plain / "checkpoints" / "last.ckpt"), "--updated",
+                                str(self.checkpoint), "--val_bin", str(self.data("val.bin")), "--seq_len",
+                                str(c.retention_seq_len), "--max_batches", str(c.retention_max_batches), "--out",
+                                str(out)])
 
     def discover(self, run_dir: Path, tasks: Path, mode: str, seed: int, model: Path, *extra: str) -> None:
         samples = ["--samples", str(self.config.bestofn_samples)] if mode == "bestofn" else []

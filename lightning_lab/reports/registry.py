@@ -9,13 +9,15 @@ Read (paths under the root, as discover/pipeline.py writes them; a missing one i
 - ``discover/heldout/bestofn-s0`` and ``discover/post/<arm>-bestofn-s0``: best-of-N before and after
   consolidation on the same held-out tasks and seed (paired by task), and SDFT vs the SFT baseline.
 - ``retention/<arm>.json`` (`lab eval retention`) and ``sdft/<arm>/sdft_eval_report.json`` (the gate's bound).
+- ``pretrain/mhc_on_vs_off.json`` (`lab eval retention`, the mHC-off control as base) and each arm's
+  ``pretrain/<arm>/model_config.json``: mHC on vs off on the same validation windows.
 - ``pipeline.json``: wall-clock per phase.
 
 Claim safety (the seed's rules): a comparison whose paired interval spans zero names no winner, nor does a
 FLOP-matched best-of-N arm that ran short of samples (``short`` in compare.json); "no forgetting"
 is claimed only when the whole retention interval of the perplexity ratio lies within the gate's bound
-(1 + max_rise); and no claim about mHC is made unless the artifacts hold an mHC-on and an mHC-off arm
-(``pretrain/pretrain`` and ``pretrain/pretrain_plain`` with ``model_config`` saying which).
+(1 + max_rise); and no claim about mHC is made unless the artifacts hold an mHC-on arm (``pretrain/pretrain``),
+an mHC-off arm (``pretrain/pretrain_plain``), each model_config.json saying which, and their comparison.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ PHASE_NAMES = ["A data", "B pretrain", "C held-out\nBoN + TTT", "D TTT train\n+ 
 
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def ratio_text(report: dict) -> str:
+    """A `lab eval retention` perplexity ratio with its interval: 1.0123 [1.0051, 1.0190]."""
+    low, high = report["perplexity_ratio_interval"]
+    return f"{report['perplexity_ratio']:.4f} [{low:.4f}, {high:.4f}]"
 
 
 def verdict(name_a: str, name_b: str, difference: float, low: float, high: float) -> str:
@@ -81,9 +89,30 @@ def collect(root: Path) -> dict:
             "gate_max_rise": gate["gate"]["max_rise"] if gate else None}
     pipeline = read_json(root / "pipeline.json")
     found["phases"] = {phase: entry["seconds"] for phase, entry in (pipeline or {"phases": {}})["phases"].items()}
-    found["mhc_arms"] = sorted(name for name in ("pretrain", "pretrain_plain")
-                               if (root / "pretrain" / name / "config.yaml").is_file())
+    found["mhc"] = mhc_arms(root)
     return found
+
+
+def mhc_arms(root: Path) -> dict:
+    """mHC on (pretrain/pretrain) vs its mHC-off control (pretrain/pretrain_plain): their perplexities on the same
+    windows, or ``{"missing": why}`` when the artifacts cannot support a claim about mHC."""
+    enabled = {}
+    for name in ("pretrain", "pretrain_plain"):
+        config = read_json(root / "pretrain" / name / "model_config.json")
+        enabled[name] = None if config is None else bool(config.get("mhc", {}).get("enabled"))
+    if enabled["pretrain_plain"] is None:
+        on_or_off = {True: "on", False: "off", None: "unknown"}[enabled["pretrain"]]
+        return {"missing": f"no mHC-off control arm was pretrained (the pipeline config's mhc_off_model_config is "
+                           f"unset, so there is no pretrain/pretrain_plain); the pipeline's model has mHC {on_or_off}"}
+    if enabled != {"pretrain": True, "pretrain_plain": False}:
+        said = {name: "on" if value else "off" for name, value in enabled.items()}
+        return {"missing": f"pretrain/pretrain has mHC {said['pretrain']} and pretrain/pretrain_plain mHC "
+                           f"{said['pretrain_plain']}: not an on / off pair"}
+    report = read_json(root / "pretrain" / "mhc_on_vs_off.json")
+    if report is None:
+        return {"missing": "pretrain/mhc_on_vs_off.json, both arms' perplexity on the same windows, is missing"}
+    return {key: report[key] for key in ("windows", "base_perplexity", "updated_perplexity", "perplexity_ratio",
+                                         "perplexity_ratio_interval", "confidence")}
 
 
 def claims(found: dict) -> list[str]:
@@ -103,18 +132,27 @@ def claims(found: dict) -> list[str]:
             lines.append(f"{row['comparison']} ({metric}, {row['items']} items): "
                          f"{verdict(name_a, name_b, m['difference'], m['low'], m['high'])}")
     for arm, r in found["retention"].items():
-        low, high = r["perplexity_ratio_interval"]
+        high = r["perplexity_ratio_interval"][1]
         bound = r["gate_max_rise"]
         if bound is None:
             lines.append(f"{arm} retention: no gate bound recorded, so no claim about forgetting")
         elif high <= 1 + bound:
-            lines.append(f"{arm} retention: no forgetting beyond the gate's bound (ratio interval [{low:.4f}, "
-                         f"{high:.4f}] within 1 + {bound:g})")
+            lines.append(f"{arm} retention: no forgetting beyond the gate's bound (ratio {ratio_text(r)}, its "
+                         f"interval within 1 + {bound:g})")
         else:
-            lines.append(f"{arm} retention: no \"no forgetting\" claim (ratio interval [{low:.4f}, {high:.4f}] "
-                         f"is not inside 1 + {bound:g})")
-    if found["mhc_arms"] != ["pretrain", "pretrain_plain"]:
-        lines.append("mHC: no claim (the artifacts hold no mHC-on / mHC-off pair of pretraining runs)")
+            lines.append(f"{arm} retention: no \"no forgetting\" claim (ratio {ratio_text(r)}: the interval is not "
+                         f"inside 1 + {bound:g})")
+    mhc = found["mhc"]
+    if "missing" in mhc:
+        lines.append(f"mHC: no claim about mHC: {mhc['missing']}")
+    else:
+        low, high = mhc["perplexity_ratio_interval"]
+        if low <= 1.0 <= high:
+            said = "no winner between mHC on and off (the interval spans 1)"
+        else:
+            said = f"mHC {'on' if high < 1.0 else 'off'} has the lower validation perplexity"
+        lines.append(f"mHC on vs off (perplexity ratio on / off on {mhc['windows']} validation windows, "
+                     f"{ratio_text(mhc)}): {said}")
     return lines
 
 
@@ -132,10 +170,14 @@ def markdown(found: dict) -> str:
     lines += ["", "## Retention (perplexity on the pretraining validation windows)", "",
               "| arm | windows | base ppl | updated ppl | ratio [interval] | gate bound |", "|---|---|---|---|---|---|"]
     for arm, r in found["retention"].items():
-        low, high = r["perplexity_ratio_interval"]
         bound = "-" if r["gate_max_rise"] is None else f"{1 + r['gate_max_rise']:g}"
         lines.append(f"| {arm} | {r['windows']} | {r['base_perplexity']:.3f} | {r['updated_perplexity']:.3f} | "
-                     f"{r['perplexity_ratio']:.4f} [{low:.4f}, {high:.4f}] | {bound} |")
+                     f"{ratio_text(r)} | {bound} |")
+    if "missing" not in found["mhc"]:
+        m = found["mhc"]
+        lines += ["", "## mHC on vs off (pretraining, the same validation windows)", "",
+                  "| windows | mHC off ppl | mHC on ppl | ratio on / off [interval] |", "|---|---|---|---|",
+                  f"| {m['windows']} | {m['base_perplexity']:.3f} | {m['updated_perplexity']:.3f} | {ratio_text(m)} |"]
     lines += ["", "## What the artifacts support", ""] + [f"- {line}" for line in claims(found)]
     if found["phases"]:
         lines += ["", "## Wall-clock per phase", "", "| phase | seconds |", "|---|---|"]
@@ -154,10 +196,11 @@ def latex(found: dict) -> str:
             rows.append(f"{row['comparison'].replace('_', chr(92) + '_')} & {row['items']} & "
                         f"{r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] & "
                         f"{e['difference']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}] \\\\")
-    for arm, ret in found["retention"].items():
-        low, high = ret["perplexity_ratio_interval"]
-        rows.append(f"retention {arm} (ppl ratio) & {ret['windows']} & {ret['perplexity_ratio']:.4f} "
-                    f"[{low:.4f}, {high:.4f}] & -- \\\\")
+    ratios = {f"retention {arm}": report for arm, report in found["retention"].items()}
+    if "missing" not in found["mhc"]:
+        ratios["mHC on / off"] = found["mhc"]
+    rows += [f"{name} (ppl ratio) & {report['windows']} & {ratio_text(report)} & -- \\\\"
+             for name, report in ratios.items()]
     return ("\\begin{tabular}{lrll}\n\\hline\ncomparison & items & reward diff & exact diff \\\\\n\\hline\n"
             + "\n".join(rows) + "\n\\hline\n\\end{tabular}\n")
 
