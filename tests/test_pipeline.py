@@ -187,5 +187,22 @@ def test_the_paper_scale_is_the_seeds_configuration_with_its_mhc_control():
     seed = {"--rollouts": "32", "--steps": "30", "--kl_coef": "0.1", "--max_new_tokens": "32"}
     assert {key: flags[key] for key in seed} == seed
     sdft = read_yaml_or_json(PROJECT / paper.sdft_config)
-    assert sdft["trainer"]["max_steps"] == 500
+    assert sdft["trainer"]["max_steps"] == 500 and paper.sdft_replay and sdft["model"]["replay_ratio"] > 0
     assert load_scale(CONFIG_DIR / "tiny.yaml").mhc_off_model_config is None  # tiny: no control, so no mHC claim
+
+
+def test_phase_d_gives_sdft_and_sft_the_replay_file_when_the_scale_asks(tmp_path):
+    """configs/sdft/paper.yaml replays at 0.1, which SDFTModule refuses without a packed file."""
+    from lightning_lab.discover.pipeline import CONFIG_DIR, Pipeline, load_scale
+
+    for scale, replay in (("paper", True), ("tiny", False)):
+        pipeline, fits = Pipeline(tmp_path, load_scale(CONFIG_DIR / f"{scale}.yaml")), []
+        pipeline.discover = pipeline.files_step = lambda *args: None  # only phase D's SDFT and SFT fits are looked at
+        pipeline.stage_step = lambda run_dir, argv: fits.append(argv)
+        pipeline.phase_d()
+        assert len(fits) == 2
+        for argv in fits:
+            assert ("--model.replay_bin" in argv) == replay and argv[argv.index("--model.gate_bin") + 1] == str(
+                tmp_path / "data" / "val.bin")
+            if replay:
+                assert argv[argv.index("--model.replay_bin") + 1] == str(tmp_path / "data" / "train.bin")

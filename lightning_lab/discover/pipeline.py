@@ -66,6 +66,7 @@ class PipelineConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     sdft_config: str = "configs/sdft/tiny.yaml"
     sdft_args: list[str] = field(default_factory=list)
+    sdft_replay: bool = False  # phase D gives SDFT/SFT data/train.bin to replay (at the sdft config's replay_ratio)
     retention_seq_len: int = 64
     retention_max_batches: int = 8
 
@@ -229,12 +230,13 @@ class Pipeline:
         demos = self.root / "sdft_data.jsonl"
         self.files_step([demos], ["discover", "build-sdft", "--suite_root", str(train_run), "--tasks",
                                   str(self.data("train_tasks.jsonl")), "--out", str(demos)])
+        replay = ["--model.replay_bin", str(self.data("train.bin"))] if self.config.sdft_replay else []
         for arm in ARMS:
             self.stage_step(self.root / "sdft" / arm, [
                 "sdft", "fit", "--config", self.config.sdft_config, "--model.model", str(self.checkpoint),
                 "--data.path", str(demos), "--model.objective", arm, "--model.gate_bin", str(self.data("val.bin")),
                 "--data.val_split", "null",  # every demonstration trains; phase E evaluates on the held-out tasks
-                *self.config.sdft_args])
+                *replay, *self.config.sdft_args])
 
     def phase_e(self) -> None:
         for arm in ARMS:
