@@ -340,3 +340,5 @@ def test_validation_is_fixed_order_and_limited(data_dir):
     assert len(batches) == 3
     assert torch.equal(batches[0][0][1], datamodule.val_dataset[1][0])
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, make_datamodule(data_dir, val_batches=3).val_dataloader()))
+    with pytest.raises(DataError, match="data.val_batches must be >= 1, got 0"):  # 0 would validate on nothing
+        make_datamodule(data_dir, val_batches=0)

@@ -289,8 +289,8 @@ class PackedDataModule(L.LightningDataModule):
         self.prompts = prompts
         # Check everything now, so a wrong value, path or tokenizer fails before a model is built.
         for name, value, least in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
-                                   ("num_workers", num_workers, 0), ("val_batches", val_batches or 1, 1)):
-            if value < least:
+                                   ("num_workers", num_workers, 0), ("val_batches", val_batches, 1)):
+            if value is not None and value < least:  # val_batches None: every validation batch
                 raise DataError(f"data.{name} must be >= {least}, got {value}")
         self.tokenizer = load_tokenizer(tokenizer)
         self.vocab_size = len(self.tokenizer)
