@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_lab.callbacks.status import run_status
 from lightning_lab.cli import main as lab
 from lightning_lab.errors import ArgumentParser, UserError, check_writable_dir
 from lightning_lab.reports.report import write_report
@@ -35,7 +36,7 @@ class Command:
 
     def finished(self) -> bool:
         if self.done.name == "heartbeat.json":
-            return self.done.is_file() and json.loads(self.done.read_text())["status"] == "completed"
+            return run_status(self.done.parents[1]) == "completed"  # <run>/_run_tracker/heartbeat.json
         return self.done.is_file()
 
 

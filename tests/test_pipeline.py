@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from lightning_lab.callbacks.status import run_status
 from lightning_lab.cli import main as lab
-from lightning_lab.discover.pipeline import PROJECT, run_status
+from lightning_lab.discover.pipeline import PROJECT
 
 TINY = """
 corpus_train_lines: 300

@@ -39,6 +39,12 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(heartbeat.parent.parent for heartbeat in root.glob(f"**/{TRACKER_DIR}/heartbeat.json"))
 
 
+def run_status(run_dir: Path) -> str | None:
+    """The heartbeat status of a stage or loop run (running, paused, completed, ...; None: never started)."""
+    heartbeat = Path(run_dir) / TRACKER_DIR / "heartbeat.json"
+    return json.loads(heartbeat.read_text()).get("status") if heartbeat.is_file() else None
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from lightning_lab.callbacks.status import run_status
 from lightning_lab.data.io import read_yaml_or_json, write_json_atomic
 from lightning_lab.errors import ArgumentParser, UserError
 from lightning_lab.loops import EXIT_PAUSED
@@ -86,12 +87,6 @@ def lab(argv: list[str]) -> int:
 
     print("  $ lab " + shlex.join(argv), flush=True)
     return main(argv)
-
-
-def run_status(run_dir: Path) -> str | None:
-    """The heartbeat status of a stage or loop run (None: never started)."""
-    heartbeat = run_dir / "_run_tracker" / "heartbeat.json"
-    return json.loads(heartbeat.read_text()).get("status") if heartbeat.is_file() else None
 
 
 class Paused(Exception):
