@@ -22,6 +22,7 @@ from pathlib import Path
 
 from lightning_lab.callbacks.status import run_status
 from lightning_lab.cli import main as lab
+from lightning_lab.data.io import write_json_atomic
 from lightning_lab.errors import ArgumentParser, UserError, check_writable_dir
 from lightning_lab.reports.report import write_report
 
@@ -125,7 +126,7 @@ def main(argv: list[str]) -> int:
                 continue
             run_command(command)
         times[step.method] = round(times.get(step.method, 0.0) + time.perf_counter() - start, 1)  # summed over resumes
-        times_path.write_text(json.dumps(times, indent=2) + "\n")
+        write_json_atomic(times_path, times)
         print(f"== [{index}/{len(steps)}] {step.method}: {time.perf_counter() - start:.0f} s", flush=True)
 
     md_path, html_path = write_report(out)

@@ -21,13 +21,12 @@ Wall-clock seconds per arm are summed over its items. ``--out FILE`` also writes
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning_lab.data.io import DataError, read_jsonl, read_yaml_or_json
+from lightning_lab.data.io import DataError, read_jsonl, read_yaml_or_json, write_json_atomic
 from lightning_lab.errors import UserError, check_new_output_file
 
 ABLATIONS = (("objective", "expected", "expected"), ("reuse", False, "noreuse"),
@@ -159,8 +158,7 @@ def compare(config: CompareConfig) -> int:
 
     print(format_table(rows, wall_clock, config.confidence))
     if config.out is not None:
-        Path(config.out).write_text(json.dumps({"rows": rows, "wall_clock_s": wall_clock,
-                                                "runs": list(config.runs)}, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(config.out, {"rows": rows, "wall_clock_s": wall_clock, "runs": list(config.runs)})
     return 0
 
 
