@@ -85,6 +85,16 @@ def read_run(directory: str | Path) -> tuple[str, dict, dict[tuple[str, int], di
     return arm_label(config), config, results
 
 
+def outcomes(results: dict[tuple[str, int], dict]) -> dict[tuple[str, int], tuple[float, bool]]:
+    """{item: (best reward, exact)} of a run's results: what the paired comparisons compare."""
+    return {item: (result["reward"], result["exact"]) for item, result in results.items()}
+
+
+def families_of(*runs: dict[tuple[str, int], dict]) -> dict[tuple[str, int], str]:
+    """{item: task family} over the results of several runs."""
+    return {item: result["family"] for results in runs for item, result in results.items()}
+
+
 def best_of_prefix(result: dict, samples: int) -> tuple[float, bool, bool]:
     """(best reward, exact found, short) of best-of-N over its first `samples` samples; short when the run drew
     fewer and found no exact answer (so more samples could have done better)."""
@@ -129,8 +139,8 @@ def compare(config: CompareConfig) -> int:
             raise UserError(f"runs: {directory} repeats {len(overlap)} (task, seed) items of another {label} run")
         arms[label].update(results)
         settings.setdefault(label, run_config)
-    families = {item: result["family"] for results in arms.values() for item, result in results.items()}
-    own = {label: {item: (r["reward"], r["exact"]) for item, r in results.items()} for label, results in arms.items()}
+    families = families_of(*arms.values())
+    own = {label: outcomes(results) for label, results in arms.items()}
     rows, wall_clock = [], {label: sum(r["seconds"] for r in results.values()) for label, results in arms.items()}
 
     if "ttt" in arms and "bestofn" in arms:

@@ -49,15 +49,13 @@ def verdict(name_a: str, name_b: str, difference: float, low: float, high: float
     return f"{name_a if difference > 0 else name_b} is better"
 
 
-def paired_results(root: Path, a: Path, b: Path) -> list[dict]:
-    """Rows (overall and per family) of best-of-N run `a` vs run `b` on their shared (task, seed) items."""
-    from lightning_lab.discover.compare import CompareConfig, paired_rows, read_run
+def paired_results(runs: dict[str, dict], a: str, b: str) -> list[dict]:
+    """Rows (overall and per family) of best-of-N run `a` vs run `b` (results by name, compare.read_run's) on their
+    shared (task, seed) items."""
+    from lightning_lab.discover.compare import CompareConfig, families_of, outcomes, paired_rows
 
-    _, _, results_a = read_run(a)
-    _, _, results_b = read_run(b)
-    families = {item: result["family"] for item, result in {**results_a, **results_b}.items()}
-    own = [{item: (r["reward"], r["exact"]) for item, r in results.items()} for results in (results_a, results_b)]
-    return paired_rows(f"{a.name} vs {b.name}", own[0], own[1], families, CompareConfig(runs=[str(a), str(b)]))
+    return paired_rows(f"{a} vs {b}", outcomes(runs[a]), outcomes(runs[b]), families_of(runs[a], runs[b]),
+                       CompareConfig(runs=[a, b]))
 
 
 def collect(root: Path) -> dict:
@@ -68,15 +66,20 @@ def collect(root: Path) -> dict:
         found["missing"].append("discover/heldout/compare.json")
     else:
         found["comparisons"] += compare["rows"]
-    before = root / "discover" / "heldout" / "bestofn-s0"
-    post = {arm: root / "discover" / "post" / f"{arm}-bestofn-s0" for arm in ARMS}
-    for arm, directory in post.items():
-        if (directory / "summary.jsonl").is_file() and (before / "summary.jsonl").is_file():
-            found["comparisons"] += paired_results(root, directory, before)
+    from lightning_lab.discover.compare import read_run
+
+    # best-of-N before (bestofn-s0) and after consolidation (<arm>-bestofn-s0): each run read once
+    directories = {"bestofn-s0": root / "discover" / "heldout" / "bestofn-s0",
+                   **{f"{arm}-bestofn-s0": root / "discover" / "post" / f"{arm}-bestofn-s0" for arm in ARMS}}
+    runs = {name: read_run(directory)[2] for name, directory in directories.items()
+            if (directory / "summary.jsonl").is_file()}
+    for arm in ARMS:
+        if f"{arm}-bestofn-s0" in runs and "bestofn-s0" in runs:
+            found["comparisons"] += paired_results(runs, f"{arm}-bestofn-s0", "bestofn-s0")
         else:
             found["missing"].append(f"discover/post/{arm}-bestofn-s0 or discover/heldout/bestofn-s0")
-    if all((directory / "summary.jsonl").is_file() for directory in post.values()):
-        found["comparisons"] += paired_results(root, post["sdft"], post["sft"])
+    if all(f"{arm}-bestofn-s0" in runs for arm in ARMS):
+        found["comparisons"] += paired_results(runs, "sdft-bestofn-s0", "sft-bestofn-s0")
     for arm in ARMS:
         report = read_json(root / "retention" / f"{arm}.json")
         gate = read_json(root / "sdft" / arm / "sdft_eval_report.json")
