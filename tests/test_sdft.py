@@ -28,7 +28,7 @@ def task_file(directory: Path, tasks=TASKS) -> Path:
 def fake_run(directory: Path, best: dict[str, tuple[str, bool]]) -> Path:
     """A finished discovery run as `lab discover run` writes it: summary.jsonl + tasks/<id>/result.json."""
     directory.mkdir(parents=True)
-    lines = [{"kind": "header"}]
+    lines = [{"kind": "header", "config": {"mode": "ttt", "seed": int(directory.name[-1])}}]
     for task_id, (text, exact) in best.items():
         (directory / "tasks" / task_id).mkdir(parents=True)
         result = {"id": task_id, "best": {"text": text, "exact": exact, "reward": 1.0 if exact else 0.5}}

@@ -56,7 +56,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from lightning_lab.data.benchmarks import Sample
-from lightning_lab.data.io import DataError, read_jsonl, write_json_atomic
+from lightning_lab.data.io import DataError, write_json_atomic
 from lightning_lab.errors import UserError, check_input_file, check_new_output_file
 from lightning_lab.eval.retention import read_windows, window_nll
 from lightning_lab.loops import check_count, check_number
@@ -107,22 +107,18 @@ def suite_runs(root: Path) -> list[Path]:
 
 def demonstrations(config: BuildSdftConfig) -> list[dict]:
     """Every verified-exact demonstration of the runs under `suite_root`, one per (task, answer)."""
+    from lightning_lab.discover.compare import read_run
     from lightning_lab.discover.tasks import read_tasks, verify
 
     tasks = {task.id: task for task in read_tasks(config.tasks)}
     rows, seen = [], set()
     for run in suite_runs(Path(config.suite_root)):
-        for line, record in read_jsonl(run / "summary.jsonl"):
-            if record.get("kind") == "header":
-                continue
-            task = tasks.get(record.get("id"))
+        for (task_id, _), result in read_run(run)[2].items():
+            task = tasks.get(task_id)
             if task is None:
-                raise DataError(f"{run / 'summary.jsonl'}:{line}: task {record.get('id')!r} is not in {config.tasks}"
-                                " (was the run made on another task file?)")
-            result_path = run / "tasks" / task.id / "result.json"
-            if not result_path.is_file():
-                raise DataError(f"{run / 'summary.jsonl'}:{line}: {result_path} is missing")
-            best = json.loads(result_path.read_text(encoding="utf-8")).get("best")
+                raise DataError(f"{run / 'tasks' / task_id / 'result.json'}: task {task_id!r} is not in "
+                                f"{config.tasks} (was the run made on another task file?)")
+            best = result.get("best")
             if not best or not best.get("exact"):
                 continue
             exact, reward = verify(best["text"], task.answer)
