@@ -1,6 +1,7 @@
 """Pretraining throughput: the Lightning stage vs a plain PyTorch loop, MFU, peak memory, mHC cost.
 
     python bench/pretrain.py [--steps 12] [--warmup 3] [--big-steps 4] [--rounds 2] [--threads N] [--skip-120m]
+                             [--mhc-only] [--mhc-big-steps 3]
 
 Everything is measured in this one run, on this machine:
 - the peak matmul rate (bf16 and fp32, a timed 2048^3 product, at the start and again at the end,
@@ -22,8 +23,11 @@ Everything is measured in this one run, on this machine:
   ru_maxrss) from just before the stage starts (libraries imported, nothing built) to the end of
   the last step (before the final checkpoint is written), i.e. weights + gradients + AdamW state +
   activations + allocator slack; on CUDA torch.cuda.max_memory_allocated at that point;
-- tokens/s of gpt_tiny with mHC on vs off (plain loop, alternating rounds, so only the
-  architecture differs).
+- the cost of mHC: the training step time (forward + backward + AdamW step, the plain loop, so only
+  the architecture differs) of gpt_tiny (micro-batch 16) and gpt_120m (micro-batch 2) with mHC
+  (configs/model/*_mhc.yaml: 4 streams, dynamic) vs without, in 3 rounds that alternate the two
+  models; each round's figure is its median step time, the printed ratio the median of the 3
+  rounds' ratios (`--mhc-only` runs just this part).
 
 Data: a synthetic corpus (`lightning_lab.data.corpus`), a 512-piece tokenizer for gpt_tiny and an
 8192-piece one for gpt_120m (105M parameters), packed into a temporary directory.
@@ -66,6 +70,8 @@ BASE_CONFIG = ROOT / "configs" / "pretrain" / "tiny.yaml"
 SEQ_LEN = 256
 TINY_BATCH = 16
 BIG_BATCH = 4
+MHC_BIG_BATCH = 2
+MHC_ROUNDS = 3
 
 
 def make_data(root: Path) -> dict[str, dict[str, Path]]:
@@ -193,6 +199,27 @@ def compare(label: str, model_yaml: Path, data: dict, batch: int, steps: int, wa
             "lightning_mean": tokens_per_step * len(lightning) / sum(lightning)}
 
 
+def mhc_cost(name: str, data: dict, batch: int, steps: int, warmup: int, precision: str) -> dict:
+    """Median step time of `name` and `name`_mhc in MHC_ROUNDS alternating rounds of the plain loop."""
+    rounds = []
+    for _ in range(MHC_ROUNDS):
+        rounds.append({variant: statistics.median(step_durations(
+            plain_run(MODELS / f"{variant}.yaml", data, batch, steps, precision), warmup))
+            for variant in (name, f"{name}_mhc")})
+    ratios = [r[f"{name}_mhc"] / r[name] for r in rounds]
+    return {"label": name, "batch": batch, "timed_steps": steps - warmup, "rounds": rounds, "ratios": ratios,
+            "ratio": statistics.median(ratios)}
+
+
+def print_mhc_cost(cost: dict) -> None:
+    name = cost["label"]
+    seconds = " ".join(f"{r[f'{name}_mhc']:.3f}/{r[name]:.3f}" for r in cost["rounds"])
+    print(f"mHC cost, {name} (n_streams 4, dynamic; seq_len {SEQ_LEN}, micro-batch {cost['batch']}, "
+          f"median of {cost['timed_steps']} timed steps per round): step time with/without mHC per round "
+          f"{seconds} s -> {cost['ratio']:.2f}x the step time (median of {len(cost['ratios'])} rounds: "
+          f"{', '.join(f'{r:.2f}' for r in cost['ratios'])}), {1 / cost['ratio']:.2f}x the tokens/s")
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size. Linux: VmHWM, which starts afresh at exec (ru_maxrss does
     not: a child started from a big parent inherits the parent's peak). Elsewhere: ru_maxrss."""
@@ -224,6 +251,9 @@ def main() -> None:
     parser.add_argument("--big-steps", type=int, default=4, help="gpt_120m steps per measurement (default 4)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating plain / Lightning rounds (default 2)")
     parser.add_argument("--skip-120m", action="store_true", help="only gpt_tiny")
+    parser.add_argument("--mhc-only", action="store_true", help="only the mHC cost (no Lightning, MFU, memory)")
+    parser.add_argument("--mhc-big-steps", type=int, default=3,
+                        help="gpt_120m steps per mHC-cost measurement, the first untimed (default 3)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the physical cores)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: subprocess entry
     parser.add_argument("--precision", default="32-true", help=argparse.SUPPRESS)
@@ -233,32 +263,34 @@ def main() -> None:
     if args.memory_probe:
         memory_probe(args.memory_probe, args.big_steps, args.precision)
         return
-    if args.warmup < 1 or args.steps < args.warmup + 2 or args.big_steps < 3:
-        parser.error("need --warmup >= 1, --steps >= warmup + 2 and --big-steps >= 3")
+    if args.warmup < 1 or args.steps < args.warmup + 2 or args.big_steps < 3 or args.mhc_big_steps < 2:
+        parser.error("need --warmup >= 1, --steps >= warmup + 2, --big-steps >= 3 and --mhc-big-steps >= 2")
 
     bf16 = matmul_gflops(torch.bfloat16)
     fp32 = matmul_gflops(torch.float32)
     precision = "bf16-mixed" if bf16 > 1.5 * fp32 else "32-true"
     print(f"device {device()}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
-          f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+          f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"load average {' '.join(f'{load:.2f}' for load in os.getloadavg())}")
     print(f"matmul 2048^3: bf16 {bf16:.0f} GFLOP/s, fp32 {fp32:.0f} GFLOP/s -> precision {precision}")
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = make_data(root)
+        # mHC on / off: gpt_120m with a warm-up of 1 (its first step dominates otherwise short runs)
+        mhc_costs = [mhc_cost("gpt_tiny", data[512], TINY_BATCH, args.steps, args.warmup, precision)]
+        if not args.skip_120m:
+            mhc_costs.append(mhc_cost("gpt_120m", data[8192], MHC_BIG_BATCH, args.mhc_big_steps, 1, precision))
+        if args.mhc_only:
+            print()
+            for cost in mhc_costs:
+                print_mhc_cost(cost)
+            return
         results = [compare("gpt_tiny", MODELS / "gpt_tiny.yaml", data[512], TINY_BATCH, args.steps, args.warmup,
                            args.rounds, precision, root / "runs")]
         if not args.skip_120m:
-            # gpt_120m: few steps; warm-up of 1 (its first step dominates otherwise short runs)
             results.append(compare("gpt_120m", MODELS / "gpt_120m.yaml", data[8192], BIG_BATCH, args.big_steps,
                                    1, args.rounds, precision, root / "runs"))
-        # mHC on / off in alternating rounds of the plain loop, so only the architecture differs
-        mhc_durations = {"gpt_tiny": [], "gpt_tiny_mhc": []}
-        for _ in range(args.rounds):
-            for name, durations in mhc_durations.items():
-                durations += step_durations(plain_run(MODELS / f"{name}.yaml", data[512], TINY_BATCH, args.steps,
-                                                      precision), args.warmup)
-        mhc_tps = {name: tokens_per_s(durations, TINY_BATCH * SEQ_LEN) for name, durations in mhc_durations.items()}
         memory = None
         if not args.skip_120m:
             data_json = json.dumps({key: str(value) for key, value in data[8192].items()})
@@ -287,9 +319,8 @@ def main() -> None:
     overhead = results[0]["plain"] / results[0]["lightning"] - 1
     print(f"\nLightning overhead on gpt_tiny: {overhead:+.1%} (target <= 5%): "
           f"{'met' if overhead <= 0.05 else 'NOT met'}")
-    on, off = mhc_tps["gpt_tiny_mhc"], mhc_tps["gpt_tiny"]
-    print(f"mHC (n_streams 4, dynamic, plain loop, gpt_tiny): {on:.0f} tok/s with vs {off:.0f} without "
-          f"-> {on / off:.2f}x the throughput")
+    for cost in mhc_costs:
+        print_mhc_cost(cost)
     if memory is not None:
         what = ("growth of the process's peak RSS from before the stage to the end of the last step: weights, "
                 "grads, AdamW state, activations, allocator slack" if memory["kind"] == "cpu_peak_rss"

@@ -226,18 +226,46 @@ class LabGPTMLP(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+class SinkhornKnopp(torch.autograd.Function):
+    """The unrolled Sinkhorn-Knopp iterations with a hand-written backward through each of them.
+
+    The same gradient as autograd's through the loop, in about half the time: autograd backpropagates
+    every ``matrix / sums`` as a division by a tensor (gradients for numerator and denominator, a sum
+    to undo the broadcast, an accumulation) where one normalisation y = x / x.sum(dim) needs only
+    dx = (dy - (dy * y).sum(dim)) / x.sum(dim). The max shift gets no gradient: the output does not
+    depend on it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, iters: int) -> torch.Tensor:
+        matrix = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+        saved = [matrix]  # exp(logits), then (normalised matrix, the sums it was divided by) per half-step
+        for _ in range(iters):
+            for dim in (-1, -2):  # rows, then columns
+                sums = matrix.sum(dim=dim, keepdim=True)
+                matrix = matrix / sums
+                saved += [matrix, sums]
+        ctx.save_for_backward(*saved)
+        return matrix
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        exp_logits, *steps = ctx.saved_tensors
+        for half_step in reversed(range(len(steps) // 2)):
+            normalised, sums = steps[2 * half_step], steps[2 * half_step + 1]
+            dim = -1 if half_step % 2 == 0 else -2
+            grad = (grad - (grad * normalised).sum(dim=dim, keepdim=True)) / sums
+        return grad * exp_logits, None
+
+
 def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     """Sinkhorn-Knopp: map logits (..., n, n) to a doubly stochastic matrix (rows and columns sum to 1).
 
     exp of the logits (shifted by their max, which the normalisation cancels), then alternately
-    normalise rows and columns ``iters`` times. Differentiable; computed in fp32.
+    normalise rows and columns ``iters`` times, for all leading dimensions (tokens) at once.
+    Differentiable; computed in fp32.
     """
-    logits = logits.float()
-    matrix = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
-    for _ in range(iters):
-        matrix = matrix / matrix.sum(dim=-1, keepdim=True)
-        matrix = matrix / matrix.sum(dim=-2, keepdim=True)
-    return matrix
+    return SinkhornKnopp.apply(logits.float(), iters)
 
 
 class HyperConnection(nn.Module):
@@ -276,17 +304,18 @@ class HyperConnection(nn.Module):
             res = res + self.dynamic_gate[2] * dynamic[..., 2 * n:].unflatten(-1, (n, n))
         return torch.sigmoid(pre), 2 * torch.sigmoid(post), sinkhorn(res, self.sinkhorn_iters)
 
-    def read(self, streams: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """streams (batch, seq, n, C) -> the sublayer input H_pre x (batch, seq, C), and coefficients for ``write``."""
+    def read(self, streams: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """streams x (batch, seq, n, C) -> the sublayer input H_pre x (batch, seq, C), and (H_res x, H_post)
+        for ``write``. H_pre x and H_res x come from one batched product of the (n + 1) x n matrix
+        [H_pre; H_res] with x: H_res x does not depend on the sublayer, so it is formed here with H_pre x."""
         pre, post, res = self.coefficients(streams)
-        layer_input = (pre.to(streams.dtype).unsqueeze(-2) @ streams).squeeze(-2)
-        return layer_input, (post, res)
+        read_and_mix = torch.cat([pre.unsqueeze(-2), res], dim=-2).to(streams.dtype) @ streams
+        return read_and_mix[..., 0, :], (read_and_mix[..., 1:, :], post.to(streams.dtype))
 
-    def write(self, streams: torch.Tensor, layer_output: torch.Tensor, coefficients: tuple) -> torch.Tensor:
-        """x' = H_res x + H_post^T F(H_pre x)."""
-        post, res = coefficients
-        mixed = torch.einsum("...ij,...jc->...ic", res.to(streams.dtype), streams)
-        return mixed + post.to(streams.dtype).unsqueeze(-1) * layer_output.unsqueeze(-2)
+    def write(self, layer_output: torch.Tensor, mixed_and_post: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x' = H_res x + H_post^T F(H_pre x), from ``read``'s (H_res x, H_post) and F's output (batch, seq, C)."""
+        mixed, post = mixed_and_post
+        return mixed + post.unsqueeze(-1) * layer_output.unsqueeze(-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,11 +348,11 @@ class LabGPTBlock(GradientCheckpointingLayer):
             hidden = hidden + attn_output
             return hidden + self.mlp(self.post_attention_layernorm(hidden)), attn_weights
 
-        layer_input, coefficients = self.attn_hc.read(hidden)
+        layer_input, mixed_and_post = self.attn_hc.read(hidden)
         attn_output, attn_weights = attention(layer_input)
-        hidden = self.attn_hc.write(hidden, attn_output, coefficients)
-        layer_input, coefficients = self.mlp_hc.read(hidden)
-        hidden = self.mlp_hc.write(hidden, self.mlp(self.post_attention_layernorm(layer_input)), coefficients)
+        hidden = self.attn_hc.write(attn_output, mixed_and_post)
+        layer_input, mixed_and_post = self.mlp_hc.read(hidden)
+        hidden = self.mlp_hc.write(self.mlp(self.post_attention_layernorm(layer_input)), mixed_and_post)
         return hidden, attn_weights
 
 
