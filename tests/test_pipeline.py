@@ -1,5 +1,6 @@
 """`lab pipeline discover-distill`: a complete step is skipped, an incomplete one is redone (phase A, tiny sizes);
-a kill in phase C followed by --resume ends with the registry of an uninterrupted run (micro sizes)."""
+a paused stage is continued from its checkpoint; a kill in phase C followed by --resume ends with the registry of
+an uninterrupted run; phase B's mHC-off control arm; the paper scale's settings (micro sizes)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from lightning_lab.callbacks.status import run_status
 from lightning_lab.cli import main as lab
@@ -145,6 +148,24 @@ def test_a_kill_in_phase_c_then_resume_gives_the_registry_of_an_uninterrupted_ru
     assert rows[0] == rows[1] and any(row["comparison"] == "ttt vs bestofn@samples" for row in rows[0])
     assert registry_without_wall_clock(killed) == registry_without_wall_clock(straight)
     assert "ttt vs bestofn@samples | all | 2 |" in (killed / "results.md").read_text()
+
+
+def test_a_paused_stage_stops_the_pipeline_and_resume_continues_it_from_its_checkpoint(tmp_path, capsys):
+    config, paused, root = tmp_path / "micro.yaml", tmp_path / "paused.yaml", tmp_path / "root"
+    config.write_text(MICRO)  # pretraining pauses at step 2 of 4 (a real SIGINT, caught by GracefulPause):
+    paused.write_text(MICRO.replace("--trainer.accelerator, cpu]", "--trainer.accelerator, cpu, "
+                                    "--trainer.callbacks+=conftest.SigintAtStep, --trainer.callbacks.step, '2']"))
+    assert lab(["pipeline", "discover-distill", "--config", str(paused), "--root", str(root), "--to-phase", "B"]) == 3
+    assert "phase B: paused in" in capsys.readouterr().out
+    run = root / "pretrain" / "pretrain"
+    assert run_status(run) == "paused" and "B" not in json.loads((root / "pipeline.json").read_text())["phases"]
+
+    assert lab(["pipeline", "discover-distill", "--config", str(config), "--root", str(root), "--to-phase", "B",
+                "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "$ lab data" not in out and "--run.name pretrain --ckpt_path last" in out
+    assert run_status(run) == "completed"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
 def test_phase_b_pretrains_the_mhc_off_control_and_the_registry_reads_both_arms(tmp_path, capsys):
