@@ -185,7 +185,7 @@ CAPTURE_ATTENTION = "lab_capture"  # attention implementation name registered be
 INCOMPLETE = "\ufffd"  # what decoding shows for the bytes of a character that is not complete yet
 LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, then 1
 MASK_4D_IMPLEMENTATIONS = {"sdpa", "eager", CAPTURE_ATTENTION}  # take an additive (batch, 1, queries, keys) mask
-MIN_SHARED_PREFIX = 16  # a batch's common first tokens are prefilled once (`shared_prefix_length`) from this many
+MIN_SHARED_PREFIX = 16  # a batch's common first tokens are prefilled once (`Sampler._shared_prefix`) from this many
 
 
 
