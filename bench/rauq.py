@@ -11,10 +11,9 @@ Target: monitored <= 1.10x plain.
 
 Batched evaluation: ``--problems`` (16) GSM8K questions, each through the controller as `lab rauq evaluate`
 runs it, at ``--batch-size`` 1 and ``--batch-size`` 16 (`RAUQController.generate_batch`: every row triggers, rolls
-back and inserts its thought on its own in one batch), with the entropy trigger and cot repair at theta = +inf
-(nothing fires: the upper bound of the gain) and at ``--theta`` (default: the 80th percentile of the greedy
-tokens' entropies, measured here, so that most problems trigger). Target: batch 16 >= 3x the problems per hour
-of batch 1.
+back and inserts its thought on its own in one batch), with the entropy trigger and cot repair at ``--theta``
+(default: the 80th percentile of the greedy tokens' entropies, measured here, so that most problems trigger).
+Target: batch 16 >= 3x the problems per hour of batch 1.
 """
 
 from __future__ import annotations
@@ -41,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--theta", type=float, default=None, help="entropy theta of the triggering case")
     args = parser.parse_args(argv)
+    if args.batch_size < 2:
+        parser.error(f"--batch-size {args.batch_size}: compares batch 1 with a larger batch, give at least 2")
 
     from lightning_lab.models.loading import load_causal_lm
     from lightning_lab.rauq.controller import ControllerConfig, RAUQController
@@ -87,20 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         return 3600 * len(questions) / (time.perf_counter() - started), triggered
 
     theta = args.theta
-    if theta is None:
-        entropies = sorted(e for q in questions for e in sampler.generate(
-            [q], greedy=True, max_new_tokens=args.new_tokens, entropy=True).completions[0][0].entropies)
+    if theta is None:  # one batched greedy pass over the problems
+        generation = sampler.generate(questions, greedy=True, max_new_tokens=args.new_tokens, entropy=True,
+                                      batch_size=len(questions))
+        entropies = sorted(e for (completion,) in generation.completions for e in completion.entropies)
         theta = entropies[int(0.8 * (len(entropies) - 1))]
-    for name, value in (("theta=+inf", math.inf), (f"theta={theta:.3f}", theta)):
-        rates = {size: [] for size in (1, args.batch_size)}
-        for _ in range(args.reps):  # alternate the two batch sizes, as paired_median_seconds does
-            for size in rates:
-                rates[size].append(evaluation(value, size))
-        (one, hits), (many, _) = (min(rates[size], key=lambda r: abs(r[0] - statistics.median(x[0] for x in
-                                                                                               rates[size])))
-                                  for size in rates)
-        print(f"evaluation, entropy trigger {name} ({hits}/{len(questions)} problems trigger): batch 1 {one:8.1f} "
-              f"problems/h, batch {args.batch_size} {many:8.1f} problems/h, {many / one:.2f}x (target >= 3x)")
+    rates = {size: [] for size in (1, args.batch_size)}
+    for _ in range(args.reps):  # alternate the two batch sizes, as paired_median_seconds does
+        for size in rates:
+            rates[size].append(evaluation(theta, size))
+    (one, hits), (many, _) = (min(rates[size], key=lambda r: abs(r[0] - statistics.median(x[0] for x in rates[size])))
+                              for size in rates)
+    print(f"evaluation, entropy trigger theta={theta:.3f}, cot ({hits}/{len(questions)} problems trigger): batch 1 "
+          f"{one:8.1f} problems/h, batch {args.batch_size} {many:8.1f} problems/h, {many / one:.2f}x (target >= 3x)")
     print(load_average())
     return 0
 

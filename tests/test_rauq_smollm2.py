@@ -68,3 +68,23 @@ def test_controller_at_infinite_theta_is_greedy_and_its_running_score_is_the_off
     (logprobs, attention), = completion_attention(loaded.model, [sampler.encode(question)], [out.token_ids])
     assert out.rauq_scores[-1] == pytest.approx(score_sequence(logprobs, attention, 0.5, heads=heads.heads).score,
                                                 rel=1e-3)
+
+
+def test_a_batch_of_four_triggering_problems_gives_what_each_gives_alone(loaded, question):
+    """fp32, the rauq trigger at a theta most problems cross, cot repair: the batch's rows trigger, roll back and
+    think each on its own, and each gives the tokens, trigger positions and thoughts it gives alone."""
+    sampler = Sampler(loaded)
+    heads = HeadsFile({layer: layer % 9 for layer in range(10, 21)}, list(range(10, 21)), 0.5, loaded.spec, 30, 9,
+                      "paper", "sha256:test", 0)
+    questions = [question, "What is 17 times 23?", "A train travels 60 miles in 1.5 hours. What is its speed?",
+                 "Tom has 3 apples and buys 5 more. How many apples does he have?"]
+    config = ControllerConfig(max_new_tokens=20, stability_window=3, cooldown=4, max_repairs=2, cot_length=6)
+    greedy = RAUQController(loaded, config, heads, math.inf, sampler=sampler)
+    scores = sorted(s for q in questions for s in greedy.generate(q).rauq_scores)
+    quarter = len(scores) * 3 // 4
+    controller = RAUQController(loaded, config, heads, (scores[quarter] + scores[quarter + 1]) / 2, sampler=sampler)
+    alone = [controller.generate(q) for q in questions]
+    assert sum(bool(out.trigger_events) for out in alone) >= 2
+    for one, other in zip(alone, controller.generate_batch(questions)):
+        assert other.token_ids == one.token_ids and other.repairs == one.repairs
+        assert [e["position"] for e in other.trigger_events] == [e["position"] for e in one.trigger_events]

@@ -240,6 +240,13 @@ class RAUQController:
             problem.running = self._running_score()
             problems.append(problem)
         owners: list[_Problem | _Rollout] = list(problems)  # what each row of the state decodes
+        with self.sampler.holding(state):
+            self._decode(state, problems, owners, started)
+        return [self._output(problem) for problem in problems]
+
+    def _decode(self, state: RaggedState, problems: list[_Problem], owners: list, started: float) -> None:
+        """Step every row until every problem is finished (`generate_batch`)."""
+        config = self.config
         while any(problem.finish is None for problem in problems):
             tokens = [self._next_token(owner, state.logits[r][-1]) for r, owner in enumerate(owners)]
             for r, (owner, output) in enumerate(zip(owners, self.sampler.step_rows(state, tokens))):
@@ -257,7 +264,6 @@ class RAUQController:
             if finished and len(finished) >= DROP_FINISHED_FRACTION * len(owners) and len(finished) < len(owners):
                 keep = [r for r in range(len(owners)) if r not in finished]
                 state, owners = self.sampler.select_rows(state, keep), [owners[r] for r in keep]
-        return [self._output(problem) for problem in problems]
 
     # ---- one row ----
 
