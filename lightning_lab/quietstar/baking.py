@@ -288,10 +288,14 @@ class QuietStarModule(LoraModule):
         settings = self.thought_sampling
         params = SamplingParams(temperature=settings.temperature)
         tokens = [torch.full((len(texts),), self.thought_tokens.start_id, device=texts.device)]
-        cache = None
-        for _ in range(settings.length):
-            logits, _, cache = score_branches(self.model, base, texts, positions, tokens[-1][:, None], cache=cache)
-            tokens.append(choose_tokens(logits[:, -1], params, None))
+        cache, training = None, self.model.training
+        self.model.eval()  # drawn without dropout (LoRA's), as the sampler draws
+        try:
+            for _ in range(settings.length):
+                logits, _, cache = score_branches(self.model, base, texts, positions, tokens[-1][:, None], cache=cache)
+                tokens.append(choose_tokens(logits[:, -1], params, None))
+        finally:
+            self.model.train(training)
         return torch.stack(tokens[1:], dim=1)
 
     def losses(self, samples: list[Sample], grad: bool) -> dict[str, torch.Tensor]:
