@@ -310,7 +310,9 @@ class HyperConnection(nn.Module):
         [H_pre; H_res] with x: H_res x does not depend on the sublayer, so it is formed here with H_pre x."""
         pre, post, res = self.coefficients(streams)
         read_and_mix = torch.cat([pre.unsqueeze(-2), res], dim=-2).to(streams.dtype) @ streams
-        return read_and_mix[..., 0, :], (read_and_mix[..., 1:, :], post.to(streams.dtype))
+        # split, not indexing: its backward is one cat, where two index backwards each zero-fill a full-size grad
+        layer_input, mixed = read_and_mix.split([1, self.n_streams], dim=-2)
+        return layer_input.squeeze(-2), (mixed, post.to(streams.dtype))
 
     def write(self, layer_output: torch.Tensor, mixed_and_post: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x' = H_res x + H_post^T F(H_pre x), from ``read``'s (H_res x, H_post) and F's output (batch, seq, C)."""
